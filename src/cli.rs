@@ -1,0 +1,185 @@
+//! Every command-line flag, defined once: the binary parses these, and the man pages and
+//! shell completions in `man/` and `completions/` are generated from them.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fad",
+    version,
+    about = "Fetal anomaly detector: isolation-forest anomaly detection for CTG streams",
+    long_about = "fad finds anomalies in cardiotocography (CTG) recordings: fetal heart rate (bpm) \
+and uterine activity (uterus), per patient and recording session. Every subcommand reads \
+files or stdin and writes stdout, one line at a time.",
+    after_help = "Examples:\n  fad convert data/ > merged.csv\n  fad train merged.csv --out-dir artifacts\n  \
+fad score merged.csv --model artifacts > scored.csv\n  tail -f feed.csv | fad stream --model artifacts\n\n\
+Exit status: 0 success, 1 data or I/O error, 2 usage error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Convert(ConvertArgs),
+    Train(TrainArgs),
+    Score(ScoreArgs),
+    Stream(StreamArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Join {
+    /// Only timestamps present in both the bpm and the uterus file.
+    Inner,
+    /// Every timestamp of either file; the missing value is left empty.
+    Outer,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConvertOutput {
+    /// The merged table: timestamp,group_id,sequence_id,bpm,uterus,target.
+    Table,
+    /// Stream messages (timestamp,bpm,uterus,group_id,sequence_id) in timestamp order.
+    Feed,
+}
+
+/// Turn a folder tree of CTG recordings into one table (or a live feed).
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Reads DATA_DIR/<class>/<folder>/bpm/<stem>_1.csv (or _3) and the matching \
+uterus/<stem>_2.csv (or _4), joins each pair on time_sec and writes one CSV with header \
+timestamp,group_id,sequence_id,bpm,uterus,target. group_id is <class>-<folder>, so that \
+patients whose folder names repeat across classes stay apart. Rows are ordered by class, \
+group (numbers in numeric order), sequence and timestamp.",
+    after_help = "Examples:\n  fad convert data/ > merged.csv\n  fad convert data/ --join outer > merged.csv\n  \
+fad convert data/ --as feed --realtime 1 | fad stream --model artifacts"
+)]
+pub struct ConvertArgs {
+    /// Folder holding <class>/<folder>/{bpm,uterus}/*.csv
+    pub data_dir: PathBuf,
+    /// How bpm and uterus rows are matched on time_sec.
+    #[arg(long, value_enum, default_value_t = Join::Inner)]
+    pub join: Join,
+    /// Output: the merged table, or stream messages for `fad stream`.
+    #[arg(long = "as", value_enum, default_value_t = ConvertOutput::Table, value_name = "KIND")]
+    pub output: ConvertOutput,
+    /// With --as feed: pace messages by their timestamps (1 = real time, 10 = ten times faster).
+    #[arg(long, value_name = "FACTOR")]
+    pub realtime: Option<f64>,
+    /// Skip malformed files (named on stderr) instead of stopping with an error.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+/// Fit an isolation forest on CTG features and write the model artifacts.
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Computes the features of SPEC section 2 for every recording, splits the \
+patients (group ids) into training and validation sets, fits an isolation forest on the \
+training rows and writes meta.json plus the forest files into --out-dir. A validation \
+report (rows, anomaly rates, score quantiles, hypoxia-vs-regular ROC AUC) goes to stderr \
+and into meta.json.",
+    after_help = "Examples:\n  fad train merged.csv --out-dir artifacts\n  fad train data/ --out-dir artifacts --n-estimators 100 --contamination 0.01\n  \
+fad convert data/ | fad train - --out-dir artifacts --force"
+)]
+pub struct TrainArgs {
+    /// Merged CSV (from `fad convert`), a data directory, or - for stdin.
+    #[arg(value_name = "INPUT", required_unless_present = "input_csv")]
+    pub input: Option<PathBuf>,
+    /// The prototype's spelling of INPUT.
+    #[arg(long = "input-csv", alias = "input_csv", value_name = "PATH", conflicts_with = "input", hide = true)]
+    pub input_csv: Option<PathBuf>,
+    /// Directory that receives meta.json and the forest files.
+    #[arg(long, alias = "out_dir", value_name = "DIR")]
+    pub out_dir: PathBuf,
+    /// Replace a non-empty --out-dir.
+    #[arg(long)]
+    pub force: bool,
+    /// Number of trees.
+    #[arg(long, alias = "n_estimators", default_value_t = 300, value_name = "N")]
+    pub n_estimators: usize,
+    /// Rows per tree: auto (= min(256, n)), a count, or a fraction in (0, 1].
+    #[arg(long, alias = "max_samples", default_value = "auto", value_name = "auto|N|F")]
+    pub max_samples: String,
+    /// Expected share of anomalies: auto (offset -0.5) or a fraction in (0, 0.5].
+    #[arg(long, default_value = "auto", value_name = "auto|F")]
+    pub contamination: String,
+    /// Features per tree: a count, or a fraction in (0, 1].
+    #[arg(long, alias = "max_features", default_value = "1.0", value_name = "N|F")]
+    pub max_features: String,
+    /// Share of patients (groups) held out for validation.
+    #[arg(long, alias = "val_size", default_value_t = 0.2, value_name = "F")]
+    pub val_size: f64,
+    /// Seed of every random choice; the same seed gives byte-identical artifacts.
+    #[arg(long, alias = "random_state", default_value_t = 42, value_name = "SEED")]
+    pub random_state: u64,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long, alias = "n_jobs", value_name = "N")]
+    pub n_jobs: Option<usize>,
+    /// With a data directory as INPUT: how bpm and uterus rows are matched.
+    #[arg(long, value_enum, default_value_t = Join::Inner)]
+    pub join: Join,
+}
+
+/// Score a merged table with a trained model (batch).
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Reads a merged table (or a data directory), computes features per \
+(group_id, sequence_id) in row order and writes one row per scored sample: \
+timestamp,group_id,sequence_id,bpm,uterus,bpm_anomaly,uterus_anomaly,anomaly_score. \
+anomaly_score is scikit-learn's decision_function (lower is more anomalous, < 0 is \
+flagged). The rows equal the detections `fad stream` gives for the same input.",
+    after_help = "Examples:\n  fad score merged.csv --model artifacts > scored.csv\n  fad score data/ --model artifacts --all | xsv stats"
+)]
+pub struct ScoreArgs {
+    /// Merged CSV, a data directory, or - for stdin.
+    #[arg(value_name = "INPUT", default_value = "-")]
+    pub input: PathBuf,
+    /// Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Also write rows that were not scored (warm-up, signal loss), with empty result fields.
+    #[arg(long)]
+    pub all: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, alias = "n_jobs", value_name = "N")]
+    pub n_jobs: Option<usize>,
+    /// With a data directory as INPUT: how bpm and uterus rows are matched.
+    #[arg(long, value_enum, default_value_t = Join::Inner)]
+    pub join: Join,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReplyFormat {
+    /// ready:...,detection:...,needed:N
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Answer a live feed: one reply per input line, in order.
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Reads messages timestamp,bpm,uterus,group_id,sequence_id, one per line, and \
+answers each with exactly one line: `ready:false,detection:,needed:N` while a series warms \
+up, `ready:true,detection:TS,GID,SID,BPM,UTERUS,BPM_ANOMALY,UTERUS_ANOMALY,SCORE,needed:0` \
+once it is scored, and `ready:false,detection:,needed:N,error:REASON` for a line that cannot \
+be scored. Replies are flushed whenever fad would wait for input, so `tail -f` gets its \
+answers at once. A summary of rejected lines goes to stderr at the end.",
+    after_help = "Examples:\n  tail -f feed.csv | fad stream --model artifacts\n  \
+fad convert data/ --as feed | fad stream --model artifacts | grep ready:true\n  \
+fad stream --model artifacts --format json < feed.csv | jq .detection"
+)]
+pub struct StreamArgs {
+    /// Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Reply format.
+    #[arg(long, value_enum, default_value_t = ReplyFormat::Text)]
+    pub format: ReplyFormat,
+    /// Input file instead of stdin.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+}

@@ -1,0 +1,135 @@
+//! `fad convert`: a folder tree of recordings -> one merged table, or a live feed.
+
+use crate::cli::{ConvertArgs, ConvertOutput, Join};
+use crate::data::{MergedRow, Pair, discover, merge_pair};
+use crate::progress;
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const TABLE_HEADER: &str = "timestamp,group_id,sequence_id,bpm,uterus,target";
+
+/// Pairs read in parallel at a time; output order is kept.
+const BATCH: usize = 32;
+
+/// Writes the merged table of `dir` to `out`. Returns the number of rows. Bad files are
+/// an error, or with `skip_bad` named on stderr and left out.
+pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) -> Result<u64> {
+    let found = discover(dir)?;
+    report_unpaired(&found.unpaired);
+    writeln!(out, "{TABLE_HEADER}")?;
+    let bar = progress::bar(found.pairs.len() as u64, "converting");
+    let mut rows = 0u64;
+    let mut skipped = 0usize;
+    for batch in found.pairs.chunks(BATCH) {
+        let rendered: Vec<Result<(Vec<u8>, u64)>> = batch.par_iter().map(|p| render_pair(p, join)).collect();
+        for (pair, r) in batch.iter().zip(rendered) {
+            match r {
+                Ok((bytes, n)) => {
+                    out.write_all(&bytes)?;
+                    rows += n;
+                }
+                Err(e) if skip_bad => {
+                    eprintln!("fad convert: skipped {}: {e:#}", pair.stem);
+                    skipped += 1;
+                }
+                Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    if skipped > 0 {
+        eprintln!("fad convert: {skipped} malformed file pair(s) skipped");
+    }
+    Ok(rows)
+}
+
+fn report_unpaired(unpaired: &[std::path::PathBuf]) {
+    for p in unpaired {
+        eprintln!("fad convert: no partner for {}", p.display());
+    }
+    if !unpaired.is_empty() {
+        eprintln!("fad convert: {} unpaired file(s) left out", unpaired.len());
+    }
+}
+
+fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
+    let rows = merge_pair(pair, join)?;
+    let gid = pair.group_id();
+    let mut buf = Vec::with_capacity(rows.len() * 48);
+    for (t, b, u) in &rows {
+        writeln!(buf, "{t},{gid},{},{b},{u},{}", pair.stem, pair.class)?;
+    }
+    Ok((buf, rows.len() as u64))
+}
+
+/// Writes every pair as stream messages merged in timestamp order, optionally paced.
+fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out: &mut dyn Write) -> Result<()> {
+    let found = discover(dir)?;
+    report_unpaired(&found.unpaired);
+    let bar = progress::bar(found.pairs.len() as u64, "reading");
+    let merged: Vec<(usize, Result<Vec<MergedRow>>)> =
+        found.pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
+    // (time, pair index, row index) for a global, deterministic timestamp order
+    let mut order: Vec<(f64, u32, u32)> = Vec::new();
+    let mut tables: Vec<Vec<MergedRow>> = Vec::with_capacity(merged.len());
+    for (i, r) in merged {
+        let rows = match r {
+            Ok(rows) => rows,
+            Err(e) if skip_bad => {
+                eprintln!("fad convert: skipped {}: {e:#}", found.pairs[i].stem);
+                Vec::new()
+            }
+            Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+        };
+        for (j, row) in rows.iter().enumerate() {
+            order.push((row.0.parse::<f64>().unwrap_or(f64::NAN), i as u32, j as u32));
+        }
+        tables.push(rows);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let gids: Vec<String> = found.pairs.iter().map(Pair::group_id).collect();
+    let start = Instant::now();
+    let t0 = order.first().map_or(0.0, |o| o.0);
+    for &(t, i, j) in &order {
+        if let Some(factor) = realtime {
+            let due = Duration::from_secs_f64(((t - t0) / factor).max(0.0));
+            let now = start.elapsed();
+            if due > now {
+                out.flush()?;
+                std::thread::sleep(due - now);
+            }
+        }
+        let (ts, b, u) = &tables[i as usize][j as usize];
+        let p = &found.pairs[i as usize];
+        writeln!(out, "{ts},{b},{u},{},{}", gids[i as usize], p.stem)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub fn run(args: ConvertArgs) -> Result<()> {
+    if let Some(f) = args.realtime
+        && !(f > 0.0 && f.is_finite())
+    {
+        bail!(crate::UsageError(format!("--realtime must be a positive number, got {f}")));
+    }
+    if args.realtime.is_some() && args.output != ConvertOutput::Feed {
+        bail!(crate::UsageError("--realtime goes with --as feed".into()));
+    }
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    match args.output {
+        ConvertOutput::Table => {
+            write_table(&args.data_dir, args.join, args.skip_bad, &mut out)?;
+        }
+        ConvertOutput::Feed => write_feed(&args.data_dir, args.join, args.skip_bad, args.realtime, &mut out)?,
+    }
+    out.flush()?;
+    Ok(())
+}

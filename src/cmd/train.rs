@@ -1,0 +1,334 @@
+//! `fad train`: features -> group split -> isolation forests -> artifacts + report
+//! (SPEC sections 3-4).
+
+use crate::cli::TrainArgs;
+use crate::features::{FeatureConfig, Pushed, Series};
+use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, percentile};
+use crate::forest::ForestSpec;
+use crate::model::{Meta, Role, write_artifacts};
+use crate::table;
+use anyhow::{Result, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_pcg::Pcg64;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+/// Recordings' feature rows, with the series each row came from.
+pub struct Dataset {
+    pub n_features: usize,
+    pub rows: Vec<f32>,
+    pub row_series: Vec<u32>,
+    pub series: Vec<SeriesInfo>,
+    pub rows_read: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+pub struct SeriesInfo {
+    pub group_id: String,
+    pub sequence_id: String,
+    pub target: Option<String>,
+}
+
+impl Dataset {
+    pub fn n_rows(&self) -> usize {
+        self.row_series.len()
+    }
+}
+
+/// Reads a merged table and computes the feature rows of every series. The first
+/// malformed row is an error naming the input, line and field.
+pub fn build_dataset(input: impl std::io::Read, name: &str, fc: &FeatureConfig) -> Result<Dataset> {
+    let w = fc.n_features();
+    let mut ds = Dataset {
+        n_features: w,
+        rows: Vec::new(),
+        row_series: Vec::new(),
+        series: Vec::new(),
+        rows_read: 0,
+        rejected: BTreeMap::new(),
+    };
+    let mut state: HashMap<(String, String), (Series, u32)> = HashMap::new();
+    let mut row = vec![0f32; w];
+    table::for_each_row(input, name, |r| {
+        let r = r?;
+        ds.rows_read += 1;
+        let key = (r.group_id.to_owned(), r.sequence_id.to_owned());
+        let (series, idx) = state.entry(key).or_insert_with(|| {
+            ds.series.push(SeriesInfo {
+                group_id: r.group_id.to_owned(),
+                sequence_id: r.sequence_id.to_owned(),
+                target: r.target.map(str::to_owned),
+            });
+            (Series::new(fc.max_lag()), (ds.series.len() - 1) as u32)
+        });
+        match fc.push(series, r.time, r.bpm, r.uterus, &mut row) {
+            Pushed::Ready => {
+                ds.rows.extend_from_slice(&row);
+                ds.row_series.push(*idx);
+            }
+            Pushed::Rejected { reason, .. } => *ds.rejected.entry(reason.as_str()).or_default() += 1,
+            Pushed::WarmingUp { .. } => {}
+        }
+        Ok(())
+    })?;
+    Ok(ds)
+}
+
+/// Splits unique `(target, group_id)` groups with the seeded RNG; returns per-series
+/// "is validation" flags and the validation group count.
+pub fn split_groups(series: &[SeriesInfo], val_size: f64, seed: u64) -> (Vec<bool>, usize, usize) {
+    let mut groups: Vec<(String, String)> =
+        series.iter().map(|s| (s.target.clone().unwrap_or_default(), s.group_id.clone())).collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| crate::data::natural_cmp(&a.1, &b.1)).then_with(|| a.1.cmp(&b.1)));
+    groups.dedup();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    groups.shuffle(&mut rng);
+    let mut n_val = (val_size * groups.len() as f64).ceil() as usize;
+    if n_val >= groups.len() && groups.len() > 1 {
+        n_val = groups.len() - 1; // the forest needs at least one training group
+    }
+    if groups.len() <= 1 {
+        n_val = 0;
+    }
+    let val: std::collections::HashSet<&(String, String)> = groups[..n_val].iter().collect();
+    let flags =
+        series.iter().map(|s| val.contains(&(s.target.clone().unwrap_or_default(), s.group_id.clone()))).collect();
+    (flags, groups.len() - n_val, n_val)
+}
+
+/// Area under the ROC curve of `score` (higher = more positive) with average ranks for
+/// ties; None without both classes.
+pub fn roc_auc(score: &[f64], positive: &[bool]) -> Option<f64> {
+    let n_pos = positive.iter().filter(|&&p| p).count();
+    let n_neg = positive.len() - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..score.len()).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && score[order[j + 1]] == score[order[i]] {
+            j += 1;
+        }
+        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            if positive[k] {
+                rank_sum_pos += avg_rank;
+            }
+        }
+        i = j + 1;
+    }
+    let u = rank_sum_pos - (n_pos * (n_pos + 1)) as f64 / 2.0;
+    Some(u / (n_pos as f64 * n_neg as f64))
+}
+
+/// Statistics of one side of the split.
+fn side_report(ds: &Dataset, rows: &[usize], scores: &[f64], flags: &[[bool; 2]], with_auc: bool) -> Value {
+    let n = rows.len();
+    let mut seqs: BTreeMap<u32, (u64, u64)> = BTreeMap::new(); // series -> (rows, flagged)
+    let mut groups = std::collections::BTreeSet::new();
+    let (mut flagged, mut fb, mut fu) = (0u64, 0u64, 0u64);
+    for (k, &r) in rows.iter().enumerate() {
+        let s = ds.row_series[r];
+        let e = seqs.entry(s).or_default();
+        e.0 += 1;
+        if scores[k] < 0.0 {
+            flagged += 1;
+            e.1 += 1;
+        }
+        fb += flags[k][0] as u64;
+        fu += flags[k][1] as u64;
+        groups.insert(&ds.series[s as usize].group_id);
+    }
+    let rate = |x: u64| if n == 0 { Value::Null } else { json!(x as f64 / n as f64) };
+    let q = |p: f64| if n == 0 { Value::Null } else { json!(percentile(scores, p)) };
+    let mut v = json!({
+        "groups": groups.len(),
+        "sequences": seqs.len(),
+        "rows": n,
+        "anomaly_rate": rate(flagged),
+        "bpm_anomaly_rate": rate(fb),
+        "uterus_anomaly_rate": rate(fu),
+        "score_quantiles": {"p01": q(1.0), "p05": q(5.0), "p25": q(25.0), "p50": q(50.0), "p75": q(75.0), "p95": q(95.0), "p99": q(99.0)},
+    });
+    if with_auc {
+        let is_hyp = |s: u32| ds.series[s as usize].target.as_deref() == Some("hypoxia");
+        let pos: Vec<bool> = rows.iter().map(|&r| is_hyp(ds.row_series[r])).collect();
+        let neg_score: Vec<f64> = scores.iter().map(|s| -s).collect();
+        let seq_rate: Vec<f64> = seqs.values().map(|&(n, f)| f as f64 / n as f64).collect();
+        let seq_pos: Vec<bool> = seqs.keys().map(|&s| is_hyp(s)).collect();
+        v["roc_auc_rows"] = json!(roc_auc(&neg_score, &pos));
+        v["roc_auc_sequences"] = json!(roc_auc(&seq_rate, &seq_pos));
+    }
+    v
+}
+
+fn fmt_side(name: &str, v: &Value) -> String {
+    let f = |k: &str| v[k].as_f64().map_or("-".to_string(), |x| format!("{:.4}", x));
+    let mut s = format!(
+        "{name}: {} groups, {} sequences, {} rows; anomaly rate {} (bpm {}, uterus {}); score p01 {} p50 {} p99 {}",
+        v["groups"],
+        v["sequences"],
+        v["rows"],
+        f("anomaly_rate"),
+        f("bpm_anomaly_rate"),
+        f("uterus_anomaly_rate"),
+        v["score_quantiles"]["p01"].as_f64().map_or("-".into(), |x| format!("{x:.4}")),
+        v["score_quantiles"]["p50"].as_f64().map_or("-".into(), |x| format!("{x:.4}")),
+        v["score_quantiles"]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.4}")),
+    );
+    if v.get("roc_auc_rows").is_some() {
+        s += &format!("; ROC AUC hypoxia vs regular: rows {}, sequences {}", f("roc_auc_rows"), f("roc_auc_sequences"));
+    }
+    s
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let input = args.input.clone().or(args.input_csv.clone()).expect("clap requires one of them");
+    if let Some(n) = args.n_jobs {
+        crate::set_threads(n)?;
+    }
+    let usage = |e: String| anyhow::Error::new(crate::UsageError(e));
+    let params = FitParams {
+        n_estimators: args.n_estimators,
+        max_samples: MaxSamples::parse(&args.max_samples).map_err(usage)?,
+        max_features: MaxFeatures::parse(&args.max_features).map_err(usage)?,
+        contamination: Contamination::parse(&args.contamination).map_err(usage)?,
+        random_state: args.random_state,
+    };
+    if args.n_estimators == 0 {
+        bail!(crate::UsageError("--n-estimators must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&args.val_size) {
+        bail!(crate::UsageError(format!("--val-size must be in [0, 1), got {}", args.val_size)));
+    }
+    let fc = FeatureConfig::default();
+    let t0 = Instant::now();
+    let name = table::input_name(&input);
+    let ds = build_dataset(table::open(&input, args.join)?, &name, &fc)?;
+    let t_features = t0.elapsed();
+    if ds.n_rows() == 0 {
+        bail!(
+            "{name}: no scorable rows ({} rows read; every series needs {} valid samples in a row)",
+            ds.rows_read,
+            fc.max_lag()
+        );
+    }
+    let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, args.val_size, args.random_state);
+    let (train_idx, val_idx): (Vec<usize>, Vec<usize>) =
+        (0..ds.n_rows()).partition(|&r| !is_val[ds.row_series[r] as usize]);
+    if train_idx.is_empty() {
+        bail!("{name}: the training groups have no scorable rows");
+    }
+    let w = ds.n_features;
+    let gather =
+        |idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|&r| ds.rows[r * w..(r + 1) * w].iter().copied()).collect() };
+    let train_rows = gather(&train_idx);
+    let rows = Rows { data: &train_rows, n_features: w };
+    let cols = fc.feature_cols();
+    let signal_cols = |prefix: &str| -> Vec<u32> {
+        cols.iter().enumerate().filter(|(_, c)| c.starts_with(prefix)).map(|(i, _)| i as u32).collect()
+    };
+    let all: Vec<u32> = (0..w as u32).collect();
+    let t1 = Instant::now();
+    let (joint, joint_train) = fit(&rows, &all, &params, 0);
+    let (bpm, bpm_train) = fit(&rows, &signal_cols("bpm_"), &params, 1);
+    let (uterus, uterus_train) = fit(&rows, &signal_cols("uterus_"), &params, 2);
+    let t_fit = t1.elapsed();
+
+    let forests: [&ForestSpec; 3] = [&joint, &bpm, &uterus];
+    let compiled: Vec<crate::forest::Forest> =
+        forests.iter().map(|s| crate::forest::Forest::new(s).expect("fitted forests are well formed")).collect();
+    let anomaly = |ss: &[f64], f: &ForestSpec| -> Vec<f64> { ss.iter().map(|s| s - f.offset).collect() };
+    let train_scores = anomaly(&joint_train, &joint);
+    let train_flags: Vec<[bool; 2]> =
+        bpm_train.iter().zip(&uterus_train).map(|(b, u)| [b - bpm.offset < 0.0, u - uterus.offset < 0.0]).collect();
+    let val_rows = gather(&val_idx);
+    let val_ss: Vec<Vec<f64>> = compiled.iter().map(|f| crate::fit::score_all(f, &val_rows)).collect();
+    let val_scores = anomaly(&val_ss[0], &joint);
+    let val_flags: Vec<[bool; 2]> =
+        val_ss[1].iter().zip(&val_ss[2]).map(|(b, u)| [b - bpm.offset < 0.0, u - uterus.offset < 0.0]).collect();
+    let has_target = ds.series.iter().any(|s| s.target.is_some());
+    let train_report = side_report(&ds, &train_idx, &train_scores, &train_flags, false);
+    let val_report = side_report(&ds, &val_idx, &val_scores, &val_flags, has_target);
+    eprintln!(
+        "fad train: {} rows read, {} scorable rows in {} sequences; {} train / {} validation groups; features {:.2}s, fit {:.2}s",
+        ds.rows_read,
+        ds.n_rows(),
+        ds.series.len(),
+        n_train_groups,
+        n_val_groups,
+        t_features.as_secs_f64(),
+        t_fit.as_secs_f64()
+    );
+    eprintln!("fad train: {}", fmt_side("train", &train_report));
+    eprintln!("fad train: {}", fmt_side("validation", &val_report));
+
+    let config = json!({
+        "time_col": "timestamp", "group_col": "group_id", "seq_col": "sequence_id",
+        "target_cols": ["bpm", "uterus"],
+        "lags": fc.lags, "roll_windows": fc.roll_windows,
+        "bpm_valid_range": fc.bpm_valid_range, "uterus_valid_min": fc.uterus_valid_min, "max_gap_s": fc.max_gap_s,
+        "val_size": args.val_size, "random_state": args.random_state,
+        "n_estimators": args.n_estimators, "max_samples": args.max_samples, "contamination": args.contamination,
+        "max_features": args.max_features, "n_jobs": args.n_jobs, "join": format!("{:?}", args.join).to_lowercase(),
+        "per_signal_forests": true,
+    });
+    let meta = Meta {
+        fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        config,
+        feature_cols: cols.clone(),
+        max_lag: Some(fc.max_lag()),
+        model_files: vec![],
+        report: Some(json!({
+            "rows_read": ds.rows_read,
+            "rows_scorable": ds.n_rows(),
+            "sequences": ds.series.len(),
+            "rejected_samples": ds.rejected,
+            "train": train_report,
+            "validation": val_report,
+        })),
+    };
+    write_artifacts(
+        &args.out_dir,
+        meta,
+        &[(Role::Joint, &joint), (Role::Bpm, &bpm), (Role::Uterus, &uterus)],
+        args.force,
+    )?;
+    eprintln!("fad train: wrote {} ({:.2}s in all)", args.out_dir.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_counts_ties_as_half() {
+        assert_eq!(roc_auc(&[0.1, 0.2, 0.3, 0.4], &[false, false, true, true]), Some(1.0));
+        assert_eq!(roc_auc(&[0.4, 0.3, 0.2, 0.1], &[false, false, true, true]), Some(0.0));
+        assert_eq!(roc_auc(&[0.5, 0.5], &[false, true]), Some(0.5));
+        assert_eq!(roc_auc(&[0.5, 0.5], &[true, true]), None);
+        let auc = roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]).unwrap();
+        assert!((auc - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn split_keeps_same_folder_in_different_classes_apart_and_is_seeded() {
+        let s = |g: &str, t: &str| SeriesInfo { group_id: g.into(), sequence_id: "x".into(), target: Some(t.into()) };
+        let series: Vec<SeriesInfo> =
+            (0..10).map(|i| s(&format!("g{i}"), if i % 2 == 0 { "hypoxia" } else { "regular" })).collect();
+        let (a, n_train, n_val) = split_groups(&series, 0.2, 42);
+        assert_eq!((n_train, n_val), (8, 2));
+        assert_eq!(a.iter().filter(|&&v| v).count(), 2);
+        let (b, _, _) = split_groups(&series, 0.2, 42);
+        assert_eq!(a, b);
+        let (_, _, n_val) = split_groups(&series, 0.25, 1);
+        assert_eq!(n_val, 3); // ceil(2.5)
+    }
+}

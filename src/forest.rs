@@ -1,0 +1,333 @@
+//! Isolation-forest scoring with scikit-learn's semantics (Liu, Ting & Zhou 2008;
+//! `sklearn/ensemble/_iforest.py`).
+//!
+//! A forest arrives as [`ForestSpec`]: trees in scikit-learn's own node-array shape,
+//! whether they were fitted by `fad train` or read from a pickled `IsolationForest`.
+//! [`Forest::new`] compiles that into one flat array per forest in which the children of
+//! a node are adjacent, so that one step of a descent is `next = left + !(x <= t)` with
+//! no branch; leaves loop onto themselves, so every row can take exactly `depth` steps
+//! and several rows can be in flight through the same tree at once.
+
+use serde::{Deserialize, Serialize};
+
+/// Euler–Mascheroni constant, as used by scikit-learn's `_average_path_length`.
+pub const EULER_GAMMA: f64 = 0.577_215_664_901_532_9;
+
+/// Average path length of an unsuccessful search in a binary search tree of `n` nodes,
+/// `c(n)` in the paper: the expected depth still to go below a leaf holding `n` rows.
+pub fn average_path_length(n: f64) -> f64 {
+    if n <= 1.0 {
+        0.0
+    } else if n <= 2.0 {
+        1.0
+    } else {
+        2.0 * ((n - 1.0).ln() + EULER_GAMMA) - 2.0 * (n - 1.0) / n
+    }
+}
+
+/// One tree in scikit-learn's `Tree` layout: node arrays indexed by node id, `-1`
+/// children at leaves; `feature` indexes `features` (the tree's feature subset).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TreeSpec {
+    /// Columns of the full feature row this tree sees (`estimators_features_`).
+    pub features: Vec<u32>,
+    pub children_left: Vec<i64>,
+    pub children_right: Vec<i64>,
+    pub feature: Vec<i64>,
+    pub threshold: Vec<f64>,
+    pub n_node_samples: Vec<u64>,
+}
+
+/// A fitted isolation forest, independent of where it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForestSpec {
+    /// Width of the feature rows the forest scores.
+    pub n_features: usize,
+    /// `max_samples_`: rows each tree was grown on; normalises path lengths.
+    pub max_samples: usize,
+    /// `offset_`: `anomaly_score = score_samples - offset`.
+    pub offset: f64,
+    pub trees: Vec<TreeSpec>,
+}
+
+/// A node of the compiled forest. Internal: go to `left` when `x[feature] <= threshold`,
+/// else to `left + 1`. Leaf: `feature` is 0, `threshold` is +inf and `left` is the node
+/// itself, so further steps stay put.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Node {
+    threshold: f32,
+    feature: u32,
+    left: u32,
+}
+
+/// A forest compiled for fast scoring. Thresholds are stored as the largest `f32` not
+/// above scikit-learn's `f64` threshold, so comparing an `f32` feature against it gives
+/// exactly the same side as scikit-learn's `(double) x <= threshold`.
+#[derive(Clone, Debug)]
+pub struct Forest {
+    spec_n_features: usize,
+    max_samples: usize,
+    offset: f64,
+    nodes: Vec<Node>,
+    /// Path length credited on reaching each node as a leaf: depth + c(n_node_samples).
+    leaf_value: Vec<f64>,
+    /// Root node index and number of steps (tree depth) of every tree.
+    roots: Vec<(u32, u32)>,
+    /// n_trees * c(max_samples); None when that is 0 (one training row), where
+    /// scikit-learn takes the normalised path as 1, i.e. a score of -0.5.
+    norm: Option<f64>,
+}
+
+/// Rows in flight per tree during batch scoring.
+const LANES: usize = 16;
+
+impl Forest {
+    /// Checks a spec and compiles it. Errors name the tree and node that is inconsistent.
+    pub fn new(spec: &ForestSpec) -> Result<Forest, String> {
+        let mut nodes = Vec::new();
+        let mut leaf_value = Vec::new();
+        let mut roots = Vec::with_capacity(spec.trees.len());
+        for (t, tree) in spec.trees.iter().enumerate() {
+            let n = tree.children_left.len();
+            if n == 0
+                || tree.children_right.len() != n
+                || tree.feature.len() != n
+                || tree.threshold.len() != n
+                || tree.n_node_samples.len() != n
+            {
+                return Err(format!("tree {t}: node arrays are empty or of unequal length"));
+            }
+            for &f in &tree.features {
+                if f as usize >= spec.n_features {
+                    return Err(format!(
+                        "tree {t}: uses feature column {f} but rows have {} features",
+                        spec.n_features
+                    ));
+                }
+            }
+            let base = nodes.len();
+            // Breadth-first renumbering so that the two children of a node are adjacent.
+            let mut order: Vec<(usize, u32)> = vec![(0, 0)]; // (spec node id, depth)
+            let mut max_depth = 0u32;
+            let mut i = 0;
+            while i < order.len() {
+                let (id, depth) = order[i];
+                if order.len() > n {
+                    return Err(format!("tree {t}: node graph is not a tree"));
+                }
+                let l = tree.children_left[id];
+                let r = tree.children_right[id];
+                if l >= 0 || r >= 0 {
+                    if l < 0 || r < 0 || l as usize >= n || r as usize >= n {
+                        return Err(format!("tree {t} node {id}: child index out of range"));
+                    }
+                    let f = tree.feature[id];
+                    if f < 0 || f as usize >= tree.features.len() {
+                        return Err(format!("tree {t} node {id}: feature {f} out of range"));
+                    }
+                    order.push((l as usize, depth + 1));
+                    order.push((r as usize, depth + 1));
+                }
+                max_depth = max_depth.max(depth);
+                i += 1;
+            }
+            // Second pass: children of the k-th internal node in `order` sit at the positions
+            // they were pushed to, which are adjacent by construction.
+            let mut next_child = 1usize;
+            for &(id, depth) in &order {
+                let l = tree.children_left[id];
+                if l >= 0 {
+                    let f = tree.features[tree.feature[id] as usize];
+                    nodes.push(Node {
+                        threshold: f32_at_or_below(tree.threshold[id]),
+                        feature: f,
+                        left: (base + next_child) as u32,
+                    });
+                    leaf_value.push(f64::NAN);
+                    next_child += 2;
+                } else {
+                    let me = nodes.len() as u32;
+                    nodes.push(Node { threshold: f32::INFINITY, feature: 0, left: me });
+                    leaf_value.push(depth as f64 + average_path_length(tree.n_node_samples[id] as f64));
+                }
+            }
+            roots.push((base as u32, max_depth));
+        }
+        let denom = spec.trees.len() as f64 * average_path_length(spec.max_samples as f64);
+        Ok(Forest {
+            spec_n_features: spec.n_features,
+            max_samples: spec.max_samples,
+            offset: spec.offset,
+            nodes,
+            leaf_value,
+            roots,
+            norm: (denom != 0.0).then_some(denom),
+        })
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.spec_n_features
+    }
+    pub fn n_trees(&self) -> usize {
+        self.roots.len()
+    }
+    pub fn offset(&self) -> f64 {
+        self.offset
+    }
+    pub fn max_samples(&self) -> usize {
+        self.max_samples
+    }
+    pub fn set_offset(&mut self, offset: f64) {
+        self.offset = offset;
+    }
+
+    /// Sum over trees of the path length of one row.
+    fn total_path(&self, row: &[f32]) -> f64 {
+        let mut total = 0.0;
+        for &(root, depth) in &self.roots {
+            let mut i = root as usize;
+            for _ in 0..depth {
+                let n = self.nodes[i];
+                i = n.left as usize + !(row[n.feature as usize] <= n.threshold) as usize;
+            }
+            total += self.leaf_value[i];
+        }
+        total
+    }
+
+    fn path_to_score(&self, total_path: f64) -> f64 {
+        match self.norm {
+            Some(denom) => -(2f64.powf(-(total_path / denom))),
+            None => -0.5,
+        }
+    }
+
+    /// scikit-learn's `score_samples` for one row (higher is more normal, in [-1, 0]).
+    pub fn score_samples_row(&self, row: &[f32]) -> f64 {
+        debug_assert_eq!(row.len(), self.spec_n_features);
+        self.path_to_score(self.total_path(row))
+    }
+
+    /// `score_samples` of `rows` (row-major, `n_features` wide) into `out`.
+    pub fn score_samples_batch(&self, rows: &[f32], out: &mut [f64]) {
+        let w = self.spec_n_features;
+        assert_eq!(rows.len(), out.len() * w, "rows and out disagree on the row count");
+        let mut totals = vec![0.0f64; out.len()];
+        for (chunk_rows, chunk_tot) in rows.chunks(w * LANES).zip(totals.chunks_mut(LANES)) {
+            self.lanes_total(chunk_rows, chunk_tot);
+        }
+        for (o, t) in out.iter_mut().zip(totals) {
+            *o = self.path_to_score(t);
+        }
+    }
+
+    /// Descends up to LANES rows through every tree together: the independent loads of
+    /// the rows overlap, which is where the speed comes from.
+    fn lanes_total(&self, rows: &[f32], totals: &mut [f64]) {
+        let w = self.spec_n_features;
+        let k = totals.len();
+        let nodes = &self.nodes[..];
+        let mut idx = [0usize; LANES];
+        for &(root, depth) in &self.roots {
+            idx[..k].fill(root as usize);
+            for _ in 0..depth {
+                for lane in 0..k {
+                    let n = nodes[idx[lane]];
+                    let x = rows[lane * w + n.feature as usize];
+                    idx[lane] = n.left as usize + !(x <= n.threshold) as usize;
+                }
+            }
+            for lane in 0..k {
+                totals[lane] += self.leaf_value[idx[lane]];
+            }
+        }
+    }
+
+    /// `decision_function`: `score_samples - offset`; negative means anomalous.
+    pub fn anomaly_score_row(&self, row: &[f32]) -> f64 {
+        self.score_samples_row(row) - self.offset
+    }
+}
+
+/// The largest f32 that is <= `t` (for comparisons `x <= t` with f32 `x`, identical
+/// outcome to comparing in f64).
+pub fn f32_at_or_below(t: f64) -> f32 {
+    if t.is_nan() {
+        return f32::NAN;
+    }
+    let f = t as f32;
+    if (f as f64) > t { f.next_down() } else { f }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_of_n_matches_the_formula() {
+        assert_eq!(average_path_length(0.0), 0.0);
+        assert_eq!(average_path_length(1.0), 0.0);
+        assert_eq!(average_path_length(2.0), 1.0);
+        let c3 = 2.0 * (2f64.ln() + EULER_GAMMA) - 2.0 * 2.0 / 3.0;
+        assert!((average_path_length(3.0) - c3).abs() < 1e-15);
+        assert!((average_path_length(3.0) - 1.207_392_357_589_622_5).abs() < 1e-12);
+        let c256 = 2.0 * (255f64.ln() + EULER_GAMMA) - 2.0 * 255.0 / 256.0;
+        assert!((average_path_length(256.0) - c256).abs() < 1e-12);
+        assert!((average_path_length(256.0) - 10.244_770_920_116_851).abs() < 1e-9);
+    }
+
+    #[test]
+    fn f32_rounding_never_moves_a_threshold_up() {
+        for t in [0.1f64, 133.401979, -2.5, 1e-30, 123456789.123, -0.3] {
+            let f = f32_at_or_below(t);
+            assert!((f as f64) <= t);
+            assert!((f.next_up() as f64) > t);
+        }
+    }
+
+    fn stump(threshold: f64) -> ForestSpec {
+        // root splits feature 0 at `threshold`; left leaf holds 1 row, right leaf 3 rows
+        ForestSpec {
+            n_features: 1,
+            max_samples: 4,
+            offset: -0.5,
+            trees: vec![TreeSpec {
+                features: vec![0],
+                children_left: vec![1, -1, -1],
+                children_right: vec![2, -1, -1],
+                feature: vec![0, -2, -2],
+                threshold: vec![threshold, -2.0, -2.0],
+                n_node_samples: vec![4, 1, 3],
+            }],
+        }
+    }
+
+    #[test]
+    fn equal_to_threshold_goes_left() {
+        let f = Forest::new(&stump(1.5)).unwrap();
+        let c4 = average_path_length(4.0);
+        let left = -(2f64.powf(-(1.0 + 0.0) / c4));
+        let right = -(2f64.powf(-(1.0 + average_path_length(3.0)) / c4));
+        assert_eq!(f.score_samples_row(&[1.5]), left);
+        assert_eq!(f.score_samples_row(&[1.4]), left);
+        assert_eq!(f.score_samples_row(&[1.6]), right);
+        let mut out = [0.0; 3];
+        f.score_samples_batch(&[1.5, 1.6, 1.4], &mut out);
+        assert_eq!(out, [left, right, left]);
+    }
+
+    #[test]
+    fn malformed_trees_are_refused() {
+        let mut s = stump(1.0);
+        s.trees[0].children_left[0] = 7;
+        assert!(Forest::new(&s).is_err());
+        let mut s = stump(1.0);
+        s.trees[0].features = vec![3];
+        assert!(Forest::new(&s).is_err());
+        let mut s = stump(1.0);
+        s.trees[0].children_left = vec![0, -1, -1];
+        s.trees[0].children_right = vec![0, -1, -1];
+        assert!(Forest::new(&s).is_err());
+    }
+}

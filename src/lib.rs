@@ -1,0 +1,44 @@
+//! fad: isolation-forest anomaly detection for cardiotocography (CTG) streams.
+//!
+//! Pure logic lives in the library (features, forest, fitting, model artifacts, engine);
+//! the subcommands in [`cmd`] do the I/O at the edges.
+
+// `!(x <= t)` is deliberate throughout: it is how NaN falls (right in a tree, "not after"
+// for times, "invalid" for limits), exactly as scikit-learn and the SPEC have it.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+pub mod cli;
+pub mod cmd;
+pub mod data;
+pub mod engine;
+pub mod features;
+pub mod fit;
+pub mod forest;
+pub mod model;
+pub mod progress;
+pub mod sklearn;
+pub mod table;
+
+use std::fmt;
+
+/// An error in how fad was called (exit status 2), as opposed to bad data (exit 1).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Sizes rayon's global pool; `--n-jobs` never changes results, only speed.
+pub fn set_threads(n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        anyhow::bail!(UsageError("--n-jobs must be at least 1".into()));
+    }
+    // A second call (tests in one process) finds the pool built already: keep it.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(())
+}

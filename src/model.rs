@@ -1,0 +1,267 @@
+//! Model artifacts (SPEC section 4): `meta.json` plus checksummed forest files, written
+//! atomically and checked at load; and the detector that turns a feature row into a score
+//! and per-signal flags.
+
+use crate::features::{FeatureConfig, SIGNALS};
+use crate::forest::{Forest, ForestSpec};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const META_FILE: &str = "meta.json";
+pub const PICKLE_FILE: &str = "model_if.pkl";
+
+/// What a model file is for: the joint forest gives `anomaly_score`; the per-signal
+/// forests, each grown on one signal's feature columns only, give the signal flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Joint,
+    Bpm,
+    Uterus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub name: String,
+    pub role: Role,
+    pub sha256: String,
+}
+
+/// meta.json. `config` is kept as free-form JSON so that the prototype's keys survive a
+/// round trip; the feature settings are read out of it by [`feature_config_from`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fad_version: Option<String>,
+    pub config: Value,
+    pub feature_cols: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_files: Vec<ModelFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Value>,
+}
+
+/// Reads the feature settings of a model's config. Keys the prototype did not have
+/// (`bpm_valid_range`, `uterus_valid_min`, `max_gap_s`) mean "no limit" when absent.
+pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
+    fn list(config: &Value, key: &str, default: &[usize]) -> Result<Vec<usize>> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(default.to_vec()),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| anyhow!("config.{key} must be a list of positive integers ({e})")),
+        }
+    }
+    fn opt<T: serde::de::DeserializeOwned>(config: &Value, key: &str) -> Result<Option<T>> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                serde_json::from_value(v.clone()).map(Some).map_err(|e| anyhow!("config.{key} is malformed ({e})"))
+            }
+        }
+    }
+    let d = FeatureConfig::default();
+    let fc = FeatureConfig {
+        lags: list(config, "lags", &d.lags)?,
+        roll_windows: list(config, "roll_windows", &d.roll_windows)?,
+        bpm_valid_range: opt(config, "bpm_valid_range")?,
+        uterus_valid_min: opt(config, "uterus_valid_min")?,
+        max_gap_s: opt(config, "max_gap_s")?,
+    };
+    fc.validate().map_err(|e| anyhow!("config: {e}"))?;
+    Ok(fc)
+}
+
+/// Score and per-signal flags of one scored sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Detection {
+    pub score: f64,
+    pub bpm_anomaly: bool,
+    pub uterus_anomaly: bool,
+}
+
+/// A loaded model: feature settings plus forests.
+#[derive(Debug)]
+pub struct Model {
+    pub features: FeatureConfig,
+    pub meta: Meta,
+    pub joint: Forest,
+    /// Per-signal forests (bpm, uterus); absent for imported scikit-learn models.
+    pub per_signal: Option<[Forest; 2]>,
+    pub dir: PathBuf,
+}
+
+impl Model {
+    /// Scores feature rows (row-major) into `out`.
+    pub fn detect_batch(&self, rows: &[f32], out: &mut [Detection]) {
+        let n = out.len();
+        let mut joint = vec![0.0; n];
+        self.joint.score_samples_batch(rows, &mut joint);
+        let mut sig = [vec![0.0; n], vec![0.0; n]];
+        if let Some(fs) = &self.per_signal {
+            for (f, s) in fs.iter().zip(sig.iter_mut()) {
+                f.score_samples_batch(rows, s);
+            }
+        }
+        for i in 0..n {
+            let score = joint[i] - self.joint.offset();
+            let (b, u) = match &self.per_signal {
+                Some([fb, fu]) => (sig[0][i] - fb.offset() < 0.0, sig[1][i] - fu.offset() < 0.0),
+                None => (score < 0.0, score < 0.0),
+            };
+            out[i] = Detection { score, bpm_anomaly: b, uterus_anomaly: u };
+        }
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.features.n_features()
+    }
+
+    /// Loads `dir`: fad's own artifacts when meta.json lists model files, else a
+    /// scikit-learn `model_if.pkl` beside the prototype's meta.json.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let meta_path = dir.join(META_FILE);
+        let text = fs::read_to_string(&meta_path)
+            .with_context(|| format!("cannot read model metadata {}", meta_path.display()))?;
+        let meta: Meta = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid model metadata", meta_path.display()))?;
+        let features = feature_config_from(&meta.config).with_context(|| format!("in {}", meta_path.display()))?;
+        let expected = features.feature_cols();
+        if meta.feature_cols != expected {
+            bail!(
+                "{}: feature_cols ({} columns) do not match the features its config defines ({} columns: {} ...)",
+                meta_path.display(),
+                meta.feature_cols.len(),
+                expected.len(),
+                expected.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let mut joint = None;
+        let mut per = [None, None];
+        if meta.model_files.is_empty() {
+            let pkl = dir.join(PICKLE_FILE);
+            if !pkl.exists() {
+                bail!("{} lists no model files and {} has no {PICKLE_FILE}", meta_path.display(), dir.display());
+            }
+            joint = Some(load_pickled_forest(&pkl)?);
+        }
+        for mf in &meta.model_files {
+            let forest = load_forest_file(dir, mf)?;
+            match mf.role {
+                Role::Joint => joint = Some(forest),
+                Role::Bpm => per[0] = Some(forest),
+                Role::Uterus => per[1] = Some(forest),
+            }
+        }
+        let joint = joint.ok_or_else(|| anyhow!("{} lists no joint forest", meta_path.display()))?;
+        let per_signal = match per {
+            [Some(b), Some(u)] => Some([b, u]),
+            [None, None] => None,
+            _ => bail!("{} lists a forest for one signal but not the other", meta_path.display()),
+        };
+        for f in std::iter::once(&joint).chain(per_signal.iter().flatten()) {
+            if f.n_features() != expected.len() {
+                bail!(
+                    "model in {} expects {} features but its meta.json lists {}",
+                    dir.display(),
+                    f.n_features(),
+                    expected.len()
+                );
+            }
+        }
+        Ok(Model { features, meta, joint, per_signal, dir: dir.to_path_buf() })
+    }
+}
+
+fn load_forest_file(dir: &Path, mf: &ModelFile) -> Result<Forest> {
+    if mf.name.contains('/') || mf.name.contains('\\') || mf.name.starts_with('.') {
+        bail!("model file name {:?} in meta.json is not a plain file name", mf.name);
+    }
+    let path = dir.join(&mf.name);
+    let bytes = fs::read(&path).with_context(|| format!("cannot read model file {}", path.display()))?;
+    let sum = sha256_hex(&bytes);
+    if sum != mf.sha256 {
+        bail!("{} has SHA-256 {sum}, but meta.json expects {} (file changed or truncated)", path.display(), mf.sha256);
+    }
+    let spec: ForestSpec =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid forest file", path.display()))?;
+    Forest::new(&spec).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Imports a pickled scikit-learn IsolationForest.
+pub fn load_pickled_forest(path: &Path) -> Result<Forest> {
+    let spec = crate::sklearn::load_forest_spec(path)?;
+    Forest::new(&spec).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes meta.json and the forests into `out_dir` atomically: everything goes to a
+/// temporary directory beside it, which is renamed into place at the end. A non-empty
+/// `out_dir` is an error unless `force`.
+pub fn write_artifacts(out_dir: &Path, mut meta: Meta, forests: &[(Role, &ForestSpec)], force: bool) -> Result<()> {
+    let nonempty = out_dir.is_dir() && fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if out_dir.exists() && !out_dir.is_dir() {
+        bail!("--out-dir {} exists and is not a directory", out_dir.display());
+    }
+    if nonempty && !force {
+        bail!("--out-dir {} is not empty; use --force to replace it", out_dir.display());
+    }
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let base = out_dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "artifacts".into());
+    let tmp = parent.join(format!(".{base}.tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        meta.model_files.clear();
+        for (role, spec) in forests {
+            let name = match role {
+                Role::Joint => "forest.json".to_string(),
+                r => format!("forest_{}.json", SIGNALS[(*r == Role::Uterus) as usize]),
+            };
+            let bytes = serde_json::to_vec(spec)?;
+            write_synced(&tmp.join(&name), &bytes)?;
+            meta.model_files.push(ModelFile { name, role: *role, sha256: sha256_hex(&bytes) });
+        }
+        let mut text = serde_json::to_vec_pretty(&meta)?;
+        text.push(b'\n');
+        write_synced(&tmp.join(META_FILE), &text)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out_dir.exists() {
+        // rename() cannot replace a non-empty directory: move the old one aside first.
+        let old = parent.join(format!(".{base}.old-{}", std::process::id()));
+        fs::rename(out_dir, &old).with_context(|| format!("cannot move old {} aside", out_dir.display()))?;
+        fs::rename(&tmp, out_dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, out_dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))?;
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(())
+}

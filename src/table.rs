@@ -1,0 +1,166 @@
+//! Reading the merged table (`fad convert`'s output) from a file, stdin or a data
+//! directory, one row at a time; errors name the input, line and field.
+
+use crate::cli::Join;
+use crate::engine::{parse_timestamp, parse_value};
+use anyhow::{Context, Result, anyhow};
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+/// One row, borrowing from the reader's record.
+#[derive(Debug)]
+pub struct TableRow<'r> {
+    pub line: u64,
+    pub timestamp: &'r str,
+    pub time: f64,
+    pub group_id: &'r str,
+    pub sequence_id: &'r str,
+    pub bpm_text: &'r str,
+    pub bpm: f64,
+    pub uterus_text: &'r str,
+    pub uterus: f64,
+    pub target: Option<&'r str>,
+}
+
+/// A row that could not be read; `Display` names input, line and field.
+#[derive(Debug)]
+pub struct RowError {
+    pub input: String,
+    pub line: u64,
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for RowError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{} line {}: {}", self.input, self.line, self.problem)
+        } else {
+            write!(f, "{} line {}, field {}: {}", self.input, self.line, self.field, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for RowError {}
+
+const REQUIRED: [&str; 5] = ["timestamp", "group_id", "sequence_id", "bpm", "uterus"];
+
+/// Display name of an input path (`-` is stdin).
+pub fn input_name(path: &Path) -> String {
+    if path.as_os_str() == "-" { "<stdin>".to_string() } else { path.display().to_string() }
+}
+
+/// Opens `path` as a merged table: `-` is stdin, a directory is converted in memory.
+pub fn open(path: &Path, join: Join) -> Result<Box<dyn Read>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdin()));
+    }
+    if path.is_dir() {
+        let mut buf = Vec::new();
+        crate::cmd::convert::write_table(path, join, false, &mut buf)?;
+        return Ok(Box::new(std::io::Cursor::new(buf)));
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, f)))
+}
+
+/// Calls `f` with every row (or its error) in order. A missing column or unreadable input
+/// is an error for the whole table.
+pub fn for_each_row(
+    input: impl Read,
+    name: &str,
+    mut f: impl FnMut(std::result::Result<TableRow, RowError>) -> Result<()>,
+) -> Result<()> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(input);
+    let headers = rdr.byte_headers().with_context(|| format!("cannot read the header of {name}"))?.clone();
+    if headers.is_empty() {
+        return Err(anyhow!("{name} is empty: expected a header {}", REQUIRED.join(",")));
+    }
+    let header_names: Vec<String> =
+        headers.iter().map(|h| String::from_utf8_lossy(h).trim().trim_start_matches('\u{feff}').to_string()).collect();
+    let col = |n: &str| header_names.iter().position(|h| h == n);
+    let mut idx = [0usize; 5];
+    for (i, name_) in REQUIRED.iter().enumerate() {
+        idx[i] = col(name_)
+            .ok_or_else(|| anyhow!("{name} line 1: no column {name_:?} in the header (need {})", REQUIRED.join(",")))?;
+    }
+    let target_col = col("target");
+    let mut record = csv::ByteRecord::new();
+    let mut fields: Vec<&str>;
+    loop {
+        let more = match rdr.read_byte_record(&mut record) {
+            Ok(m) => m,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let err = RowError {
+                    input: name.to_owned(),
+                    line,
+                    field: String::new(),
+                    problem: format!("unreadable CSV ({e})"),
+                };
+                if let csv::ErrorKind::Io(_) = e.kind() {
+                    return Err(anyhow!(e).context(format!("cannot read {name}")));
+                }
+                f(Err(err))?;
+                continue;
+            }
+        };
+        if !more {
+            break;
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        let bad =
+            |field: &str, problem: String| RowError { input: name.to_owned(), line, field: field.to_owned(), problem };
+        if record.len() != header_names.len() {
+            f(Err(bad("", format!("expected {} fields, found {}", header_names.len(), record.len()))))?;
+            continue;
+        }
+        fields = Vec::with_capacity(record.len());
+        let mut utf8_error = None;
+        for (i, b) in record.iter().enumerate() {
+            match std::str::from_utf8(b) {
+                Ok(s) => fields.push(s.trim()),
+                Err(_) => {
+                    utf8_error = Some(i);
+                    fields.push("");
+                }
+            }
+        }
+        if let Some(i) = utf8_error {
+            f(Err(bad(&header_names[i], "not UTF-8 text".into())))?;
+            continue;
+        }
+        let [ti, gi, si, bi, ui] = idx;
+        let Some(time) = parse_timestamp(fields[ti]) else {
+            f(Err(bad("timestamp", format!("{:?} is not a time (seconds or ISO 8601)", fields[ti]))))?;
+            continue;
+        };
+        let Some(bpm) = parse_value(fields[bi]) else {
+            f(Err(bad("bpm", format!("{:?} is not a number", fields[bi]))))?;
+            continue;
+        };
+        let Some(uterus) = parse_value(fields[ui]) else {
+            f(Err(bad("uterus", format!("{:?} is not a number", fields[ui]))))?;
+            continue;
+        };
+        if fields[gi].is_empty() || fields[si].is_empty() {
+            let which = if fields[gi].is_empty() { "group_id" } else { "sequence_id" };
+            f(Err(bad(which, "is empty".into())))?;
+            continue;
+        }
+        f(Ok(TableRow {
+            line,
+            timestamp: fields[ti],
+            time,
+            group_id: fields[gi],
+            sequence_id: fields[si],
+            bpm_text: fields[bi],
+            bpm,
+            uterus_text: fields[ui],
+            uterus,
+            target: target_col.map(|c| fields[c]).filter(|t| !t.is_empty()),
+        }))?;
+    }
+    Ok(())
+}
