@@ -1,0 +1,373 @@
+//! End-to-end tests of each subcommand on the bundled real sample (data/sample).
+
+use assert_cmd::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+fn sample(source: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample").join(source)
+}
+
+fn fad() -> Command {
+    Command::cargo_bin("fad").unwrap()
+}
+
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The merged LCT sample and a model trained on it, made once per test run.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    merged: PathBuf,
+    model: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let merged = dir.path().join("merged.csv");
+        let text = stdout_of(fad().arg("convert").arg(sample("lct2025")));
+        std::fs::write(&merged, text).unwrap();
+        let model = dir.path().join("model");
+        fad().args(["train", "--n-estimators", "40", "--out-dir"]).arg(&model).arg(&merged).assert().success();
+        Fixture { _dir: dir, merged, model }
+    })
+}
+
+fn csv_rows(text: &str) -> Vec<Vec<String>> {
+    text.lines().map(|l| l.split(',').map(str::to_owned).collect()).collect()
+}
+
+#[test]
+fn convert_writes_the_header_and_keeps_the_order() {
+    let text = std::fs::read_to_string(&fixture().merged).unwrap();
+    let rows = csv_rows(&text);
+    assert_eq!(rows[0].join(","), "timestamp,group_id,sequence_id,bpm,uterus,target");
+    let body = &rows[1..];
+    assert!(body.len() > 10_000, "only {} rows", body.len());
+    // Same folder number under both classes gives two distinct groups.
+    let groups: std::collections::BTreeSet<&str> = body.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(groups.into_iter().collect::<Vec<_>>(), ["hypoxia-19", "hypoxia-21", "regular-19"]);
+    // Ordered by class, group (numeric-aware), sequence, then time within a sequence.
+    let class_rank = |r: &Vec<String>| (r[5] == "regular") as u8;
+    let group_num = |r: &Vec<String>| r[1].rsplit('-').next().unwrap().parse::<u32>().unwrap();
+    for w in body.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let ka = (class_rank(a), group_num(a), a[2].clone());
+        let kb = (class_rank(b), group_num(b), b[2].clone());
+        assert!(ka <= kb, "rows out of order: {a:?} then {b:?}");
+        if ka == kb {
+            assert!(a[0].parse::<f64>().unwrap() < b[0].parse::<f64>().unwrap(), "time not increasing: {a:?} {b:?}");
+        }
+        assert_eq!(a[1], format!("{}-{}", a[5], group_num(a)));
+    }
+    // Output is deterministic.
+    assert_eq!(stdout_of(fad().arg("convert").arg(sample("lct2025"))), text);
+}
+
+#[test]
+fn convert_outer_join_keeps_rows_with_one_signal() {
+    let inner = stdout_of(fad().arg("convert").arg(sample("lct2025"))).lines().count();
+    let outer = stdout_of(fad().args(["convert", "--join", "outer"]).arg(sample("lct2025")));
+    let one_sided =
+        outer.lines().skip(1).filter(|l| l.split(',').nth(3) == Some("") || l.split(',').nth(4) == Some(""));
+    let n_one_sided = one_sided.count();
+    assert!(n_one_sided > 0, "the sample has rows with only one signal");
+    assert_eq!(outer.lines().count(), inner + n_one_sided);
+}
+
+#[test]
+fn convert_feed_is_in_timestamp_order_with_stream_fields() {
+    let feed = stdout_of(fad().args(["convert", "--as", "feed"]).arg(sample("ctu-uhb")));
+    let mut last = f64::NEG_INFINITY;
+    let mut n = 0;
+    for line in feed.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "{line}");
+        let t: f64 = f[0].parse().unwrap();
+        assert!(t >= last);
+        last = t;
+        assert!(f[3].starts_with("hypoxia-") || f[3].starts_with("regular-"));
+        n += 1;
+    }
+    let table = stdout_of(fad().arg("convert").arg(sample("ctu-uhb")));
+    assert_eq!(n, table.lines().count() - 1, "feed and table hold the same rows");
+}
+
+/// A tree with one good pair, one bpm file without partner and one `_13` file that must
+/// not pair with `_2` (suffix, not substring).
+fn small_tree(dir: &Path, bad_value: Option<&str>) {
+    let bpm = dir.join("regular/7/bpm");
+    let ut = dir.join("regular/7/uterus");
+    std::fs::create_dir_all(&bpm).unwrap();
+    std::fs::create_dir_all(&ut).unwrap();
+    let mut b = String::from("time_sec,value\n");
+    let mut u = String::from("time_sec,value\n");
+    for i in 0..30 {
+        b += &format!("{}.0,{}\n", i, 130 + i % 5);
+        u += &format!("{}.0,{}\n", i, 10 + i % 3);
+    }
+    if let Some(v) = bad_value {
+        b += &format!("30.0,{v}\n");
+    }
+    std::fs::write(bpm.join("rec_1.csv"), b).unwrap();
+    std::fs::write(ut.join("rec_2.csv"), u).unwrap();
+    std::fs::write(bpm.join("lonely_1.csv"), "time_sec,value\n0,120\n").unwrap();
+    std::fs::write(bpm.join("rec_13.csv"), "time_sec,value\n0,120\n").unwrap();
+}
+
+#[test]
+fn convert_names_unpaired_files_and_malformed_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    small_tree(dir.path(), None);
+    let out = fad().arg("convert").arg(dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lonely_1.csv") && err.contains("rec_13.csv"), "{err}");
+    assert!(err.contains("2 unpaired"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 31);
+
+    let bad = tempfile::tempdir().unwrap();
+    small_tree(bad.path(), Some("12x"));
+    let out = fad().arg("convert").arg(bad.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rec_1.csv line 32, field value") && err.contains("12x"), "{err}");
+    let out = fad().args(["convert", "--skip-bad"]).arg(bad.path()).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 malformed"));
+}
+
+#[test]
+fn train_writes_artifacts_and_refuses_a_non_empty_dir() {
+    let f = fixture();
+    for name in ["meta.json", "forest.json", "forest_bpm.json", "forest_uterus.json"] {
+        assert!(f.model.join(name).is_file(), "{name} missing");
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(f.model.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["feature_cols"].as_array().unwrap().len(), 24);
+    assert_eq!(meta["max_lag"], 24);
+    // ROC AUC needs both classes among the validation groups; with one it is null.
+    let val = &meta["report"]["validation"];
+    let auc = val.get("roc_auc_sequences").expect("the report always has the AUC key");
+    assert_eq!(auc.is_null(), val["groups"] == 1, "{val}");
+    assert!(meta["report"]["train"]["rows"].as_u64().unwrap() > 10_000);
+    let out = fad().args(["train", "--n-estimators", "5", "--out-dir"]).arg(&f.model).arg(&f.merged).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+}
+
+#[test]
+fn train_is_deterministic_whatever_n_jobs_and_takes_the_prototype_spellings() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fad()
+        .args(["train", "--n-estimators", "20", "--n-jobs", "1", "--out-dir"])
+        .arg(&a)
+        .arg(&f.merged)
+        .assert()
+        .success();
+    fad()
+        .args(["train", "--n_estimators", "20", "--n_jobs", "2", "--random_state", "42", "--val_size", "0.2"])
+        .args(["--max_samples", "auto", "--max_features", "1.0", "--contamination", "auto", "--out_dir"])
+        .arg(&b)
+        .arg("--input_csv")
+        .arg(&f.merged)
+        .assert()
+        .success();
+    for name in ["meta.json", "forest.json", "forest_bpm.json", "forest_uterus.json"] {
+        let (x, y) = (std::fs::read(a.join(name)).unwrap(), std::fs::read(b.join(name)).unwrap());
+        if name == "meta.json" {
+            // n_jobs is recorded in the config; everything else must match
+            let strip = |v: Vec<u8>| {
+                let mut j: serde_json::Value = serde_json::from_slice(&v).unwrap();
+                j["config"]["n_jobs"] = serde_json::Value::Null;
+                j
+            };
+            assert_eq!(strip(x), strip(y));
+        } else {
+            assert!(x == y, "{name} differs between --n-jobs 1 and 2");
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = fixture();
+    let out = fad().args(["train", "--max-samples", "0", "--out-dir", "/tmp/never"]).arg(&f.merged).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = fad().args(["stream"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = fad().args(["score", "--model", "/nonexistent/model"]).arg(&f.merged).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model/meta.json"));
+}
+
+/// The merged table turned into stream messages, in table order.
+fn feed_of(merged: &str) -> String {
+    merged
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            format!("{},{},{},{},{}\n", f[0], f[3], f[4], f[1], f[2])
+        })
+        .collect()
+}
+
+#[test]
+fn score_rows_equal_stream_detections() {
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let scored = stdout_of(fad().arg("score").arg(&f.merged).arg("--model").arg(&f.model));
+    let mut lines = scored.lines();
+    assert_eq!(
+        lines.next(),
+        Some("timestamp,group_id,sequence_id,bpm,uterus,bpm_anomaly,uterus_anomaly,anomaly_score")
+    );
+    let from_score: Vec<String> = lines.map(str::to_owned).collect();
+    let replies = stdout_of(fad().arg("stream").arg("--model").arg(&f.model).write_stdin(feed_of(&merged)));
+    assert_eq!(replies.lines().count(), merged.lines().count() - 1, "one reply per line");
+    let from_stream: Vec<String> = replies
+        .lines()
+        .filter_map(|r| r.strip_prefix("ready:true,detection:"))
+        .map(|r| r.strip_suffix(",needed:0").unwrap().to_owned())
+        .collect();
+    assert!(from_score.len() > 1000);
+    assert_eq!(from_score, from_stream);
+    let flagged = from_score.iter().filter(|r| r.split(',').nth(7).unwrap().starts_with('-')).count();
+    assert!(flagged > 0 && flagged < from_score.len(), "{flagged} of {} flagged", from_score.len());
+}
+
+#[test]
+fn warm_up_counts_down_then_scores() {
+    let f = fixture();
+    // 30 samples of one series at 4 Hz with no gap, real values from the sample
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let feed: String = feed_of(&merged)
+        .lines()
+        .take(30)
+        .enumerate()
+        .map(|(i, l)| {
+            let f: Vec<&str> = l.split(',').collect();
+            format!("{},{},{},g,s\n", i as f64 * 0.25, f[1], f[2])
+        })
+        .collect();
+    let replies = stdout_of(fad().arg("stream").arg("--model").arg(&f.model).write_stdin(feed));
+    let replies: Vec<&str> = replies.lines().collect();
+    for (i, r) in replies.iter().take(23).enumerate() {
+        assert_eq!(*r, format!("ready:false,detection:,needed:{}", 23 - i));
+    }
+    assert!(replies[23].starts_with("ready:true,detection:"), "{}", replies[23]);
+    assert!(replies[23].ends_with(",needed:0"));
+}
+
+#[test]
+fn a_malformed_line_gets_an_error_and_the_next_is_answered() {
+    let f = fixture();
+    let feed =
+        "0,140,10,g,s\n0.25,abc,10,g,s\nnot,a,line\n0.5,141,11,g,s\n0.75,0,11,g,s\n1970-01-01T00:00:01Z,142,12,g,s\n";
+    let replies = stdout_of(fad().arg("stream").arg("--model").arg(&f.model).write_stdin(feed));
+    let replies: Vec<&str> = replies.lines().collect();
+    assert_eq!(
+        replies,
+        [
+            "ready:false,detection:,needed:23",
+            "ready:false,detection:,needed:23,error:bad_bpm",
+            "ready:false,detection:,needed:24,error:wrong_field_count",
+            "ready:false,detection:,needed:22",
+            "ready:false,detection:,needed:22,error:bpm_signal_loss",
+            "ready:false,detection:,needed:21",
+        ]
+    );
+}
+
+#[test]
+fn stream_answers_while_stdin_stays_open() {
+    let f = fixture();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fad"))
+        .arg("stream")
+        .arg("--model")
+        .arg(&f.model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    for (i, want) in ["needed:23", "needed:22"].iter().enumerate() {
+        writeln!(stdin, "{i},140,10,g,s").unwrap();
+        stdin.flush().unwrap();
+        let mut reply = String::new();
+        stdout.read_line(&mut reply).unwrap(); // blocks forever if fad waits for EOF
+        assert!(reply.trim_end().ends_with(want), "{reply}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    for args in [vec!["stream", "--model"], vec!["score", "--model"]] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fad"));
+        cmd.args(&args).arg(&f.model);
+        if args[0] == "score" {
+            cmd.arg(&f.merged);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let feed = feed_of(&merged);
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(feed.as_bytes()); // fails once fad has gone: fine
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout); // like `| head -c1`
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panick"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn score_reads_a_data_directory_and_all_keeps_unscored_rows() {
+    let f = fixture();
+    let from_dir = stdout_of(fad().arg("score").arg(sample("lct2025")).arg("--model").arg(&f.model));
+    let from_csv = stdout_of(fad().arg("score").arg(&f.merged).arg("--model").arg(&f.model));
+    assert_eq!(from_dir, from_csv);
+    let all = stdout_of(fad().args(["score", "--all"]).arg(&f.merged).arg("--model").arg(&f.model));
+    let merged_rows = std::fs::read_to_string(&f.merged).unwrap().lines().count();
+    assert_eq!(all.lines().count(), merged_rows);
+    assert!(all.lines().any(|l| l.ends_with(",,,")));
+}
+
+#[test]
+fn score_names_the_file_line_and_field_of_a_bad_row_and_scores_the_rest() {
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let mut lines: Vec<String> = merged.lines().map(str::to_owned).collect();
+    let mut bad = lines[5].split(',').map(str::to_owned).collect::<Vec<_>>();
+    bad[3] = "fast".into();
+    lines[5] = bad.join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.csv");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let out = fad().arg("score").arg(&path).arg("--model").arg(&f.model).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.csv line 6, field bpm") && err.contains("fast"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).lines().count() > 1000, "the rest is still scored");
+}
