@@ -67,6 +67,8 @@ fn convert_writes_the_header_and_keeps_the_order() {
         }
         assert_eq!(a[1], format!("{}-{}", a[5], group_num(a)));
     }
+    // `_3` bpm files pair with `_4` uterus files.
+    assert!(body.iter().any(|r| r[2] == "20250904-00800003_3"));
     // Output is deterministic.
     assert_eq!(stdout_of(fad().arg("convert").arg(sample("lct2025"))), text);
 }
@@ -370,4 +372,48 @@ fn score_names_the_file_line_and_field_of_a_bad_row_and_scores_the_rest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.csv line 6, field bpm") && err.contains("fast"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() > 1000, "the rest is still scored");
+}
+
+#[test]
+fn train_reads_stdin_and_data_directories() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let from_stdin = dir.path().join("stdin");
+    fad()
+        .args(["train", "-", "--n-estimators", "5", "--out-dir"])
+        .arg(&from_stdin)
+        .write_stdin(std::fs::read(&f.merged).unwrap())
+        .assert()
+        .success();
+    let from_dir = dir.path().join("dir");
+    let out = fad()
+        .args(["train", "--n-estimators", "5", "--val-size", "0.5", "--out-dir"])
+        .arg(&from_dir)
+        .arg(sample("ctu-uhb"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("validation:") && err.contains("anomaly rate"), "{err}");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(from_dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        meta["report"]["train"]["groups"].as_u64().unwrap() + meta["report"]["validation"]["groups"].as_u64().unwrap(),
+        4
+    );
+    // CTU-UHB codes lost signal as 0: those samples are rejected, not scored as a heart rate
+    assert!(meta["report"]["rejected_samples"]["bpm_signal_loss"].as_u64().unwrap() > 100, "{}", meta["report"]);
+}
+
+#[test]
+fn realtime_feed_keeps_the_content_and_checks_its_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    small_tree(dir.path(), None);
+    let plain = stdout_of(fad().args(["convert", "--as", "feed"]).arg(dir.path()));
+    let paced = stdout_of(fad().args(["convert", "--as", "feed", "--realtime", "1000"]).arg(dir.path()));
+    assert_eq!(plain, paced);
+    assert_eq!(plain.lines().count(), 30);
+    for bad in [vec!["--as", "feed", "--realtime", "0"], vec!["--realtime", "2"]] {
+        let out = fad().arg("convert").args(&bad).arg(dir.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
 }
