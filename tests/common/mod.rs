@@ -138,6 +138,11 @@ impl Live {
         self.replies.recv_timeout(PATIENCE).expect("no reply from fad stream")
     }
 
+    /// The next reply, or `f()` when none comes.
+    pub fn reply_or(&self, f: impl FnOnce() -> String) -> String {
+        self.replies.recv_timeout(PATIENCE).unwrap_or_else(|_| f())
+    }
+
     pub fn replies(&self, n: usize) -> Vec<String> {
         (0..n).map(|_| self.reply()).collect()
     }
