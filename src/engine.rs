@@ -420,6 +420,84 @@ mod tests {
         assert_eq!(parse_timestamp(""), None);
     }
 
+    fn tiny_model() -> Arc<Model> {
+        use crate::features::FeatureConfig;
+        use crate::forest::{Forest, ForestSpec};
+        let features = FeatureConfig { lags: vec![1, 2], roll_windows: vec![], ..FeatureConfig::default() };
+        let spec: ForestSpec = serde_json::from_value(serde_json::json!({
+            "n_features": 4, "max_samples": 2, "offset": -0.5,
+            "trees": [{"features": [0, 1, 2, 3], "children_left": [-1], "children_right": [-1], "feature": [-2],
+                        "threshold": [-2.0], "n_node_samples": [2]}]
+        }))
+        .expect("a one-leaf forest");
+        let meta = crate::model::Meta {
+            fad_version: None,
+            config: serde_json::json!({}),
+            feature_cols: features.feature_cols(),
+            max_lag: None,
+            model_files: vec![],
+            report: None,
+        };
+        let joint = Forest::new(&spec).expect("valid forest");
+        Arc::new(Model { features, meta, joint, per_signal: None, dir: ".".into() })
+    }
+
+    fn keys(e: &Engine) -> Vec<String> {
+        e.saved_series().map(|s| format!("{}/{}", s.group_id, s.sequence_id)).collect()
+    }
+
+    #[test]
+    fn least_recently_used_series_make_room() {
+        let limits = Limits { max_series: Some(3), idle_timeout: None };
+        let mut e = Engine::with_limits(tiny_model(), limits);
+        for (t, s) in ["a", "b", "c", "a", "d", "e", "a"].iter().enumerate() {
+            assert!(!matches!(e.offer("g", s, t as f64 * 0.1, 140.0, 10.0), Offer::Rejected { .. }));
+        }
+        assert_eq!(keys(&e), ["g/d", "g/e", "g/a"]);
+        assert_eq!(e.evicted(), (2, 0));
+        let named: Vec<_> = e.take_named_evictions().into_iter().map(|v| v.sequence_id).collect();
+        assert_eq!(named, ["b", "c"]);
+        assert_eq!(e.needed("g", "a"), 0, "a kept its window: 3 samples >= max_lag 2");
+        assert_eq!(e.needed("g", "b"), 2);
+        // A rejected sample creates no series and evicts nothing.
+        assert!(matches!(e.offer("g", "z", 9.0, 0.0, 10.0), Offer::Rejected { .. }));
+        assert_eq!(e.series_count(), 3);
+    }
+
+    #[test]
+    fn idle_series_are_forgotten_by_stream_time() {
+        let limits = Limits { max_series: None, idle_timeout: Some(10.0) };
+        let mut e = Engine::with_limits(tiny_model(), limits);
+        e.offer("g", "a", 0.0, 140.0, 10.0);
+        e.offer("g", "b", 5.0, 140.0, 10.0);
+        e.offer("g", "b", 6.0, 140.0, 10.0);
+        e.offer("g", "b", 10.0, 140.0, 10.0);
+        assert_eq!(keys(&e), ["g/a", "g/b"], "10 s idle is not more than 10 s");
+        e.offer("g", "c", 10.5, 140.0, 10.0);
+        assert_eq!(keys(&e), ["g/b", "g/c"]);
+        assert_eq!(e.evicted(), (0, 1));
+        // Stream time never goes back: an old timestamp of a new series does not revive anything.
+        e.offer("h", "old", 1.0, 140.0, 10.0);
+        assert_eq!(e.clock(), 10.5);
+    }
+
+    #[test]
+    fn saved_series_restore_in_the_same_order_and_state() {
+        let mut e = Engine::new(tiny_model());
+        for (t, s) in ["a", "b", "a", "c"].iter().enumerate() {
+            e.offer("g", s, t as f64, 140.0 + t as f64, 10.0);
+        }
+        let saved: Vec<_> = e.saved_series().collect();
+        let mut r = Engine::with_limits(tiny_model(), Limits { max_series: Some(2), idle_timeout: None });
+        for s in saved.clone() {
+            r.restore(s, e.clock());
+        }
+        assert_eq!(keys(&r), ["g/a", "g/c"], "the least recently used one did not fit");
+        let back: Vec<_> = r.saved_series().collect();
+        assert_eq!(back[0], saved[1]);
+        assert_eq!(r.clock(), 3.0);
+    }
+
     #[test]
     fn values() {
         assert!(parse_value("").unwrap().is_nan());

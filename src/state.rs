@@ -140,6 +140,16 @@ fn write_body<W: Write>(engine: &Engine, w: &mut W) -> io::Result<()> {
     Ok(())
 }
 
+/// Fails now, not after hours of input, when the state could never be saved there.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let tmp = temp_path(path);
+    fs::File::create(&tmp).with_context(|| {
+        format!("cannot save the stream state to {}: cannot create {}", path.display(), tmp.display())
+    })?;
+    let _ = fs::remove_file(&tmp);
+    Ok(())
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

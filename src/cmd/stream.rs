@@ -556,6 +556,7 @@ fn start_engine(args: &StreamArgs, model: Arc<Model>) -> Result<Engine> {
     };
     let mut engine = Engine::with_limits(Arc::clone(&model), limits);
     let Some(path) = &args.state else { return Ok(engine) };
+    state::check_writable(path)?;
     match state::load(&mut engine, path) {
         Ok(r) if r.series > 0 => {
             note(&format!(
