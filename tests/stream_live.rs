@@ -194,6 +194,7 @@ fn a_closed_stdout_ends_quietly_fifty_times_in_a_row() {
     let mut text = String::new();
     for k in 0..40 {
         text.push_str(&series_lines("g", &k.to_string(), 0, 500));
+        text.push_str("bad line\n"); // rejected lines: still no summary after a closed pipe
     }
     std::fs::write(&feed, text).unwrap();
     let script = format!(

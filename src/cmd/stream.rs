@@ -539,6 +539,10 @@ fn reload_model(engine: Engine, path: &Path) -> Engine {
     }
 }
 
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
+}
+
 /// A line on stderr that never fails (a closed stderr must not crash the stream).
 fn note(text: &str) {
     let _ = writeln!(io::stderr(), "{text}");
@@ -600,7 +604,10 @@ pub fn run(args: StreamArgs) -> Result<()> {
         None => Ok(()),
     };
     let t = &stream.tally;
-    if !t.rejected.is_empty() || t.evicted != (0, 0) {
+    // A closed stdout (`| head`) ends quietly: no summary either.
+    let pipe_closed = ending.as_ref().err().is_some_and(is_broken_pipe)
+        || flushed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe);
+    if !pipe_closed && (!t.rejected.is_empty() || t.evicted != (0, 0)) {
         note(&t.summary());
     }
     let ending = ending?;
