@@ -142,6 +142,9 @@ fn write_body<W: Write>(engine: &Engine, w: &mut W) -> io::Result<()> {
 
 /// Fails now, not after hours of input, when the state could never be saved there.
 pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("--state {} is a directory; give a file name", path.display());
+    }
     let tmp = temp_path(path);
     fs::File::create(&tmp).with_context(|| {
         format!("cannot save the stream state to {}: cannot create {}", path.display(), tmp.display())

@@ -78,6 +78,7 @@ proptest! {
             prop_assert!(m.time.is_finite());
             prop_assert!(!m.group_id.is_empty() && !m.sequence_id.is_empty());
             prop_assert!(m.group_id.len() <= MAX_ID && m.sequence_id.len() <= MAX_ID);
+            prop_assert!(!m.group_id.chars().chain(m.sequence_id.chars()).any(|c| c.is_ascii_control()));
             prop_assert!(!m.timestamp.contains(',') && m.timestamp.trim() == m.timestamp);
         }
     }

@@ -46,6 +46,9 @@ fn a_missing_state_file_is_a_first_start_and_an_unwritable_one_fails_at_once() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty(), "fails before answering anything");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot save the stream state to"));
+    let out = run_with(&dir, &["--state-reset"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a directory"));
 }
 
 #[test]

@@ -90,6 +90,11 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     if key.0.len() > MAX_ID || key.1.len() > MAX_ID {
         return Parsed::Bad { reason: "id_too_long", key: None };
     }
+    // Control characters in an id would be echoed into replies (a terminal escape, a
+    // stray CR splitting a reply for a line-based consumer).
+    if key.0.bytes().chain(key.1.bytes()).any(|b| b.is_ascii_control()) {
+        return Parsed::Bad { reason: "control_char_in_id", key: None };
+    }
     if key.0.is_empty() {
         return Parsed::Bad { reason: "empty_group_id", key: None };
     }
