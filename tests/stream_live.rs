@@ -240,3 +240,30 @@ fn usage_and_data_errors_have_their_exit_codes() {
     let no_input = run(&["stream", "--model", m, "--input", "/nonexistent/feed.csv"]);
     assert_eq!(no_input.status.code(), Some(1));
 }
+
+#[test]
+fn score_and_convert_end_quietly_on_a_closed_pipe_fifty_times() {
+    let dir = scratch("pipe-batch");
+    let table = dir.join("merged.csv");
+    let mut text = String::from("timestamp,group_id,sequence_id,bpm,uterus\n");
+    for t in 0..8000 {
+        text.push_str(&format!("{t},g,{},{},10\n", t % 3, 120 + t % 40));
+    }
+    std::fs::write(&table, text).unwrap();
+    let data = repo().join("data/sample/lct2025");
+    let fad = env!("CARGO_BIN_EXE_fad");
+    let m = model().display().to_string();
+    for (name, cmd) in [
+        ("score", format!("'{fad}' score '{}' --model '{m}' --all", table.display())),
+        ("convert", format!("'{fad}' convert '{}'", data.display())),
+    ] {
+        // 50 runs in one shell; any failure or any stderr text is reported with its run.
+        let script = format!(
+            "for i in $(seq 1 50); do {cmd} 2>err.txt | head -n 1 > /dev/null; s=${{PIPESTATUS[0]}}; \
+             if [ $s -ne 0 ] || [ -s err.txt ]; then echo \"run $i: status $s: $(cat err.txt)\"; fi; done"
+        );
+        let out = Command::new("bash").arg("-c").arg(&script).current_dir(&dir).output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && report.is_empty(), "{name}: {report}");
+    }
+}
