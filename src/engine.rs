@@ -464,6 +464,45 @@ mod tests {
         assert_eq!(e.series_count(), 3);
     }
 
+    proptest::proptest! {
+        /// The LRU list against a plain reference: same live keys in the same order, after
+        /// any sequence of offers (valid or not) under both limits.
+        #[test]
+        fn lru_matches_a_reference(
+            ops in proptest::collection::vec((0u8..8, 0u8..4, proptest::bool::ANY), 0..300),
+            max in 1usize..5,
+        ) {
+            let limits = Limits { max_series: Some(max), idle_timeout: Some(6.0) };
+            let mut e = Engine::with_limits(tiny_model(), limits);
+            let mut reference: Vec<(String, f64)> = Vec::new(); // (key, used_at), LRU first
+            let mut last: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+            let mut clock = f64::NEG_INFINITY;
+            for (n, (k, step, valid)) in ops.into_iter().enumerate() {
+                let t = n as f64 * 0.5 - step as f64; // sometimes not after the series' last
+                let key = format!("{k}");
+                let bpm = if valid { 140.0 } else { 0.0 };
+                let offer = e.offer("g", &key, t, bpm, 10.0);
+                let known = reference.iter().any(|(r, _)| *r == key);
+                let accepted = valid && (!known || last.get(&key).is_none_or(|&l| t > l));
+                proptest::prop_assert_eq!(matches!(offer, Offer::Rejected { .. }), !accepted);
+                if accepted {
+                    clock = clock.max(t);
+                    if !known && reference.len() >= max {
+                        reference.remove(0);
+                    }
+                    reference.retain(|(r, _)| *r != key);
+                    reference.push((key.clone(), clock));
+                    last.insert(key.clone(), t);
+                    reference.retain(|(_, used)| clock - used <= 6.0);
+                    let live: std::collections::HashSet<&String> = reference.iter().map(|(r, _)| r).collect();
+                    last.retain(|k, _| live.contains(k));
+                }
+                let want: Vec<String> = reference.iter().map(|(r, _)| format!("g/{r}")).collect();
+                proptest::prop_assert_eq!(keys(&e), want);
+            }
+        }
+    }
+
     #[test]
     fn idle_series_are_forgotten_by_stream_time() {
         let limits = Limits { max_series: None, idle_timeout: Some(10.0) };
