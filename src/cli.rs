@@ -171,7 +171,8 @@ answers at once. A summary of rejected lines goes to stderr at the end.",
     after_help = "Examples:\n  tail -f feed.csv | fad stream --model artifacts\n  \
 fad convert data/ --as feed | fad stream --model artifacts | grep ready:true\n  \
 fad stream --model artifacts --format json < feed.csv | jq .detection\n  \
-fad stream --model current --state fad.state --checkpoint-every 10000 --max-series 50000 --idle-timeout 3600\n  \
+fad stream --model current --state fad.state --checkpoint-every 10000\n  \
+fad stream --model artifacts --max-series 50000 --idle-timeout 3600\n  \
 ln -sfn artifacts_v2 current && kill -HUP \"$FAD_PID\"   # switch models between two messages\n\n\
 Signals: SIGHUP reloads the model (the old one stays if the new one is broken); SIGINT \
 and SIGTERM save --state and end. Exit status: 0 success, 1 data or I/O error, 2 usage error."
