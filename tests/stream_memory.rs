@@ -75,6 +75,7 @@ fn a_million_distinct_ids_keep_rss_bounded() {
     let bounded = peak(&["--max-series", "10000"]);
     let idle = peak(&["--idle-timeout", "30"]);
     let unbounded = peak(&[]);
+    let _ = std::fs::remove_file(&feed);
     eprintln!(
         "peak RSS for 1M distinct ids: --max-series 10000: {bounded} KiB, --idle-timeout 30: {idle} KiB, unbounded: {unbounded} KiB"
     );

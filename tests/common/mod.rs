@@ -19,7 +19,20 @@ pub fn repo() -> PathBuf {
 
 /// A scratch directory for this test binary run, under cargo's target tmp dir.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("robust-{}", std::process::id())).join(name);
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    // Test binaries have no teardown: each removes what earlier, finished runs left.
+    SWEPT.get_or_init(|| {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("robust-")
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let dir = root.join(format!("robust-{}", std::process::id())).join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
