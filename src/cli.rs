@@ -170,7 +170,12 @@ be scored. Replies are flushed whenever fad would wait for input, so `tail -f` g
 answers at once. A summary of rejected lines goes to stderr at the end.",
     after_help = "Examples:\n  tail -f feed.csv | fad stream --model artifacts\n  \
 fad convert data/ --as feed | fad stream --model artifacts | grep ready:true\n  \
-fad stream --model artifacts --format json < feed.csv | jq .detection"
+fad stream --model artifacts --format json < feed.csv | jq .detection\n  \
+fad stream --model current --state fad.state --checkpoint-every 10000\n  \
+fad stream --model artifacts --max-series 50000 --idle-timeout 3600\n  \
+ln -sfn artifacts_v2 current && kill -HUP \"$FAD_PID\"   # switch models between two messages\n\n\
+Signals: SIGHUP reloads the model (the old one stays if the new one is broken); SIGINT \
+and SIGTERM save --state and end. Exit status: 0 success, 1 data or I/O error, 2 usage error."
 )]
 pub struct StreamArgs {
     /// Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl).
@@ -182,4 +187,28 @@ pub struct StreamArgs {
     /// Input file instead of stdin.
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
+    /// Keep every series' window in FILE: restored at start, saved atomically at exit
+    /// (end of input, SIGINT, SIGTERM) and at each checkpoint.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Start afresh when the --state file is corrupt or was written for other features.
+    #[arg(long, requires = "state")]
+    pub state_reset: bool,
+    /// Also save the --state file every N input lines (at the next chunk boundary).
+    #[arg(long, value_name = "N", requires = "state", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Keep at most N series in memory; the least recently used one is forgotten.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_series: Option<u64>,
+    /// Forget a series that got no valid sample for SECONDS of stream time (the latest
+    /// timestamp seen in the feed, not the wall clock).
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
+    pub idle_timeout: Option<f64>,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
 }

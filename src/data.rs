@@ -153,7 +153,10 @@ pub struct SignalFile {
 /// Reads a `time_sec,value` file. Errors name the file, line and field.
 pub fn read_signal_file(path: &Path) -> Result<SignalFile> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!("{} line {line}: not UTF-8 text", path.display())
+    })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = SignalFile::default();
     let mut lines = text.lines().enumerate();

@@ -7,7 +7,7 @@
 
 use crate::features::{Pushed, Rejection, Series};
 use crate::model::{Detection, Model};
-use std::collections::HashMap;
+use indexmap::IndexMap;
 use std::sync::Arc;
 
 /// What offering one sample did.
@@ -24,63 +24,199 @@ pub enum Offer {
     Pending(usize),
 }
 
+/// Bounds on the series kept in memory; `None` means unbounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// At most this many series; the least recently used one makes room for a new one.
+    pub max_series: Option<usize>,
+    /// A series that received no valid sample for this many seconds of stream time (the
+    /// latest accepted timestamp) is forgotten.
+    pub idle_timeout: Option<f64>,
+}
+
+/// Why a series was forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictCause {
+    MaxSeries,
+    Idle,
+}
+
+/// One forgotten series, for the note on stderr.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Eviction {
+    pub cause: EvictCause,
+    pub group_id: String,
+    pub sequence_id: String,
+}
+
+/// Evictions named one by one (the rest are only counted), so a flood of keys cannot
+/// flood stderr or memory.
+pub const NAMED_EVICTIONS: usize = 10;
+
+const NIL: usize = usize::MAX;
+/// Separates group and sequence in a map key: 0xFF never occurs in UTF-8, so the pair is
+/// unambiguous and one lookup needs no allocation.
+const KEY_SEP: u8 = 0xFF;
+
+/// A series plus its place in the least-recently-used list.
+#[derive(Clone, Debug)]
+struct Slot {
+    series: Series,
+    /// Stream time when a valid sample last entered this series.
+    used_at: f64,
+    prev: usize,
+    next: usize,
+}
+
+/// One series as saved in a state file: key, last use (stream time) and window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedSeries {
+    pub group_id: String,
+    pub sequence_id: String,
+    pub used_at: f64,
+    pub series: Series,
+}
+
 pub struct Engine {
     model: Arc<Model>,
-    /// group_id -> sequence_id -> series; two levels so lookups by `&str` allocate nothing.
-    series: HashMap<String, HashMap<String, Series>>,
-    n_series: usize,
+    limits: Limits,
+    /// Series by key, with an intrusive doubly linked list (by map index) from the least
+    /// to the most recently used, so that eviction and touch are O(1).
+    series: IndexMap<Box<[u8]>, Slot>,
+    lru_head: usize,
+    lru_tail: usize,
+    /// Stream time: the latest timestamp accepted into any window.
+    clock: f64,
+    key: Vec<u8>,
+    evicted: [u64; 2],
+    named: Vec<Eviction>,
+    named_total: usize,
     pending: Vec<f32>,
     row: Vec<f32>,
 }
 
 impl Engine {
     pub fn new(model: Arc<Model>) -> Engine {
+        Engine::with_limits(model, Limits::default())
+    }
+
+    pub fn with_limits(model: Arc<Model>, limits: Limits) -> Engine {
         let w = model.n_features();
-        Engine { model, series: HashMap::new(), n_series: 0, pending: Vec::new(), row: vec![0.0; w] }
+        Engine {
+            model,
+            limits,
+            series: IndexMap::new(),
+            lru_head: NIL,
+            lru_tail: NIL,
+            clock: f64::NEG_INFINITY,
+            key: Vec::new(),
+            evicted: [0; 2],
+            named: Vec::new(),
+            named_total: 0,
+            pending: Vec::new(),
+            row: vec![0.0; w],
+        }
     }
 
     /// Switches to `model`, keeping every series' window when the new model computes the
-    /// same features (a retrained forest), and starting afresh when it does not.
-    pub fn new_keeping_state(old: Engine, model: Arc<Model>) -> Engine {
-        let mut e = Engine::new(Arc::clone(&model));
-        if old.model.features == model.features {
+    /// same features (a retrained forest), and starting afresh when it does not; the
+    /// second value tells which.
+    pub fn new_keeping_state(old: Engine, model: Arc<Model>) -> (Engine, bool) {
+        let same = old.model.features == model.features;
+        let mut e = Engine::with_limits(Arc::clone(&model), old.limits);
+        e.evicted = old.evicted;
+        e.named_total = old.named_total;
+        if same {
             e.series = old.series;
-            e.n_series = old.n_series;
+            e.lru_head = old.lru_head;
+            e.lru_tail = old.lru_tail;
+            e.clock = old.clock;
         }
-        e
+        (e, same)
     }
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub fn series_count(&self) -> usize {
-        self.n_series
+        self.series.len()
+    }
+
+    /// Stream time: the latest timestamp accepted so far (-inf before the first).
+    pub fn clock(&self) -> f64 {
+        self.clock
+    }
+
+    /// Series forgotten so far, by cause: (over --max-series, idle).
+    pub fn evicted(&self) -> (u64, u64) {
+        (self.evicted[0], self.evicted[1])
+    }
+
+    /// The first [`NAMED_EVICTIONS`] evictions since the start, each returned once.
+    pub fn take_named_evictions(&mut self) -> Vec<Eviction> {
+        std::mem::take(&mut self.named)
+    }
+
+    fn make_key(&mut self, group_id: &str, sequence_id: &str) {
+        self.key.clear();
+        self.key.extend_from_slice(group_id.as_bytes());
+        self.key.push(KEY_SEP);
+        self.key.extend_from_slice(sequence_id.as_bytes());
+    }
+
+    /// The window of one series, if it is known.
+    pub fn series(&mut self, group_id: &str, sequence_id: &str) -> Option<&Series> {
+        self.make_key(group_id, sequence_id);
+        self.series.get(&self.key[..]).map(|s| &s.series)
     }
 
     /// Valid samples a series still needs before it is scored (max_lag for an unknown one).
-    pub fn needed(&self, group_id: &str, sequence_id: &str) -> usize {
+    pub fn needed(&mut self, group_id: &str, sequence_id: &str) -> usize {
         let max_lag = self.model.features.max_lag();
-        self.series
-            .get(group_id)
-            .and_then(|m| m.get(sequence_id))
-            .map_or(max_lag, |s| max_lag - s.window_len().min(max_lag))
+        self.series(group_id, sequence_id).map_or(max_lag, |s| max_lag - s.window_len().min(max_lag))
     }
 
     pub fn offer(&mut self, group_id: &str, sequence_id: &str, time: f64, bpm: f64, uterus: f64) -> Offer {
-        let fc = &self.model.features;
-        let by_seq = match self.series.get_mut(group_id) {
-            Some(m) => m,
-            None => self.series.entry(group_id.to_owned()).or_default(),
-        };
-        let series = match by_seq.get_mut(sequence_id) {
-            Some(s) => s,
+        self.make_key(group_id, sequence_id);
+        let model = Arc::clone(&self.model);
+        let fc = &model.features;
+        let idx = match self.series.get_index_of(&self.key[..]) {
+            Some(i) => i,
             None => {
-                self.n_series += 1;
-                by_seq.entry(sequence_id.to_owned()).or_insert_with(|| Series::new(fc.max_lag()))
+                // A sample that could not enter the window creates no series: garbage keys
+                // cost no memory.
+                let reason = if !fc.bpm_is_valid(bpm) {
+                    Some(Rejection::BpmSignalLoss)
+                } else if !fc.uterus_is_valid(uterus) {
+                    Some(Rejection::UterusSignalLoss)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    return Offer::Rejected { reason, needed: fc.max_lag() };
+                }
+                if let Some(max) = self.limits.max_series {
+                    while self.series.len() >= max.max(1) && self.lru_head != NIL {
+                        self.evict(self.lru_head, EvictCause::MaxSeries);
+                    }
+                }
+                let slot = Slot { series: Series::new(fc.max_lag()), used_at: time, prev: NIL, next: NIL };
+                let i = self.series.insert_full(self.key.clone().into_boxed_slice(), slot).0;
+                self.link_tail(i);
+                i
             }
         };
-        match fc.push(series, time, bpm, uterus, &mut self.row) {
+        let pushed = fc.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
+        if !matches!(pushed, Pushed::Rejected { .. }) {
+            self.touch(idx, time);
+            self.evict_idle();
+        }
+        match pushed {
             Pushed::WarmingUp { needed } => Offer::WarmingUp { needed },
             Pushed::Rejected { reason, needed } => Offer::Rejected { reason, needed },
             Pushed::Ready => {
@@ -89,6 +225,124 @@ impl Engine {
                 Offer::Pending(idx)
             }
         }
+    }
+
+    /// Moves the series at map index `i` to the most recently used end, at stream time
+    /// `time` (the clock only moves forward).
+    fn touch(&mut self, i: usize, time: f64) {
+        if time > self.clock {
+            self.clock = time;
+        }
+        self.unlink(i);
+        self.link_tail(i);
+        self.series[i].used_at = self.clock;
+    }
+
+    /// Puts index `i` (not in the list) at the most recently used end.
+    fn link_tail(&mut self, i: usize) {
+        let tail = self.lru_tail;
+        let slot = &mut self.series[i];
+        slot.prev = tail;
+        slot.next = NIL;
+        if tail != NIL {
+            self.series[tail].next = i;
+        } else {
+            self.lru_head = i;
+        }
+        self.lru_tail = i;
+    }
+
+    /// Takes index `i` out of the LRU list (a no-op for a slot not in it).
+    fn unlink(&mut self, i: usize) {
+        let (prev, next) = (self.series[i].prev, self.series[i].next);
+        if prev == NIL && next == NIL && self.lru_head != i {
+            return;
+        }
+        if prev != NIL {
+            self.series[prev].next = next;
+        } else {
+            self.lru_head = next;
+        }
+        if next != NIL {
+            self.series[next].prev = prev;
+        } else {
+            self.lru_tail = prev;
+        }
+        let slot = &mut self.series[i];
+        slot.prev = NIL;
+        slot.next = NIL;
+    }
+
+    fn evict(&mut self, i: usize, cause: EvictCause) {
+        self.unlink(i);
+        let last = self.series.len() - 1;
+        let (key, _) = self.series.swap_remove_index(i).expect("index in range");
+        if i != last {
+            // The last entry moved into slot i: repoint its neighbours.
+            let (prev, next) = (self.series[i].prev, self.series[i].next);
+            if prev != NIL {
+                self.series[prev].next = i;
+            } else if self.lru_head == last {
+                self.lru_head = i;
+            }
+            if next != NIL {
+                self.series[next].prev = i;
+            } else if self.lru_tail == last {
+                self.lru_tail = i;
+            }
+        }
+        self.evicted[(cause == EvictCause::Idle) as usize] += 1;
+        if self.named_total < NAMED_EVICTIONS {
+            self.named_total += 1;
+            let (g, s) = split_key(&key);
+            self.named.push(Eviction { cause, group_id: g, sequence_id: s });
+        }
+    }
+
+    fn evict_idle(&mut self) {
+        let Some(timeout) = self.limits.idle_timeout else { return };
+        while self.lru_head != NIL && self.clock - self.series[self.lru_head].used_at > timeout {
+            self.evict(self.lru_head, EvictCause::Idle);
+        }
+    }
+
+    /// Every series, least recently used first, for a state file.
+    pub fn saved_series(&self) -> impl Iterator<Item = SavedSeries> + '_ {
+        let mut i = self.lru_head;
+        std::iter::from_fn(move || {
+            if i == NIL {
+                return None;
+            }
+            let (key, slot) = self.series.get_index(i).expect("linked index is valid");
+            i = slot.next;
+            let (group_id, sequence_id) = split_key(key);
+            Some(SavedSeries { group_id, sequence_id, used_at: slot.used_at, series: slot.series.clone() })
+        })
+    }
+
+    /// Adds a saved series as the most recently used one (restore in saved order), then
+    /// applies the limits. The stream clock becomes at least `clock`.
+    pub fn restore(&mut self, saved: SavedSeries, clock: f64) {
+        if clock > self.clock {
+            self.clock = clock;
+        }
+        self.make_key(&saved.group_id, &saved.sequence_id);
+        let slot = Slot { series: saved.series, used_at: saved.used_at.min(self.clock), prev: NIL, next: NIL };
+        let i = match self.series.get_index_of(&self.key[..]) {
+            Some(i) => {
+                self.unlink(i);
+                self.series[i] = slot;
+                i
+            }
+            None => self.series.insert_full(self.key.clone().into_boxed_slice(), slot).0,
+        };
+        self.link_tail(i);
+        if let Some(max) = self.limits.max_series {
+            while self.series.len() > max.max(1) {
+                self.evict(self.lru_head, EvictCause::MaxSeries);
+            }
+        }
+        self.evict_idle();
     }
 
     pub fn pending_len(&self) -> usize {
@@ -118,6 +372,12 @@ impl Engine {
             .for_each(|(o, rows)| model.detect_batch(rows, o));
         self.pending.clear();
     }
+}
+
+fn split_key(key: &[u8]) -> (String, String) {
+    let cut = key.iter().position(|&b| b == KEY_SEP).unwrap_or(key.len());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (text(&key[..cut]), text(key.get(cut + 1..).unwrap_or(&[])))
 }
 
 /// Parses a timestamp: seconds (integer or decimal, epoch or relative), or an ISO 8601 /
@@ -158,6 +418,123 @@ mod tests {
         assert_eq!(parse_timestamp("inf"), None);
         assert_eq!(parse_timestamp("yesterday"), None);
         assert_eq!(parse_timestamp(""), None);
+    }
+
+    fn tiny_model() -> Arc<Model> {
+        use crate::features::FeatureConfig;
+        use crate::forest::{Forest, ForestSpec};
+        let features = FeatureConfig { lags: vec![1, 2], roll_windows: vec![], ..FeatureConfig::default() };
+        let spec: ForestSpec = serde_json::from_value(serde_json::json!({
+            "n_features": 4, "max_samples": 2, "offset": -0.5,
+            "trees": [{"features": [0, 1, 2, 3], "children_left": [-1], "children_right": [-1], "feature": [-2],
+                        "threshold": [-2.0], "n_node_samples": [2]}]
+        }))
+        .expect("a one-leaf forest");
+        let meta = crate::model::Meta {
+            fad_version: None,
+            config: serde_json::json!({}),
+            feature_cols: features.feature_cols(),
+            max_lag: None,
+            model_files: vec![],
+            report: None,
+        };
+        let joint = Forest::new(&spec).expect("valid forest");
+        Arc::new(Model { features, meta, joint, per_signal: None, dir: ".".into() })
+    }
+
+    fn keys(e: &Engine) -> Vec<String> {
+        e.saved_series().map(|s| format!("{}/{}", s.group_id, s.sequence_id)).collect()
+    }
+
+    #[test]
+    fn least_recently_used_series_make_room() {
+        let limits = Limits { max_series: Some(3), idle_timeout: None };
+        let mut e = Engine::with_limits(tiny_model(), limits);
+        for (t, s) in ["a", "b", "c", "a", "d", "e", "a"].iter().enumerate() {
+            assert!(!matches!(e.offer("g", s, t as f64 * 0.1, 140.0, 10.0), Offer::Rejected { .. }));
+        }
+        assert_eq!(keys(&e), ["g/d", "g/e", "g/a"]);
+        assert_eq!(e.evicted(), (2, 0));
+        let named: Vec<_> = e.take_named_evictions().into_iter().map(|v| v.sequence_id).collect();
+        assert_eq!(named, ["b", "c"]);
+        assert_eq!(e.needed("g", "a"), 0, "a kept its window: 3 samples >= max_lag 2");
+        assert_eq!(e.needed("g", "b"), 2);
+        // A rejected sample creates no series and evicts nothing.
+        assert!(matches!(e.offer("g", "z", 9.0, 0.0, 10.0), Offer::Rejected { .. }));
+        assert_eq!(e.series_count(), 3);
+    }
+
+    proptest::proptest! {
+        /// The LRU list against a plain reference: same live keys in the same order, after
+        /// any sequence of offers (valid or not) under both limits.
+        #[test]
+        fn lru_matches_a_reference(
+            ops in proptest::collection::vec((0u8..8, 0u8..4, proptest::bool::ANY), 0..300),
+            max in 1usize..5,
+        ) {
+            let limits = Limits { max_series: Some(max), idle_timeout: Some(6.0) };
+            let mut e = Engine::with_limits(tiny_model(), limits);
+            let mut reference: Vec<(String, f64)> = Vec::new(); // (key, used_at), LRU first
+            let mut last: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+            let mut clock = f64::NEG_INFINITY;
+            for (n, (k, step, valid)) in ops.into_iter().enumerate() {
+                let t = n as f64 * 0.5 - step as f64; // sometimes not after the series' last
+                let key = format!("{k}");
+                let bpm = if valid { 140.0 } else { 0.0 };
+                let offer = e.offer("g", &key, t, bpm, 10.0);
+                let known = reference.iter().any(|(r, _)| *r == key);
+                let accepted = valid && (!known || last.get(&key).is_none_or(|&l| t > l));
+                proptest::prop_assert_eq!(matches!(offer, Offer::Rejected { .. }), !accepted);
+                if accepted {
+                    clock = clock.max(t);
+                    if !known && reference.len() >= max {
+                        reference.remove(0);
+                    }
+                    reference.retain(|(r, _)| *r != key);
+                    reference.push((key.clone(), clock));
+                    last.insert(key.clone(), t);
+                    reference.retain(|(_, used)| clock - used <= 6.0);
+                    let live: std::collections::HashSet<&String> = reference.iter().map(|(r, _)| r).collect();
+                    last.retain(|k, _| live.contains(k));
+                }
+                let want: Vec<String> = reference.iter().map(|(r, _)| format!("g/{r}")).collect();
+                proptest::prop_assert_eq!(keys(&e), want);
+            }
+        }
+    }
+
+    #[test]
+    fn idle_series_are_forgotten_by_stream_time() {
+        let limits = Limits { max_series: None, idle_timeout: Some(10.0) };
+        let mut e = Engine::with_limits(tiny_model(), limits);
+        e.offer("g", "a", 0.0, 140.0, 10.0);
+        e.offer("g", "b", 5.0, 140.0, 10.0);
+        e.offer("g", "b", 6.0, 140.0, 10.0);
+        e.offer("g", "b", 10.0, 140.0, 10.0);
+        assert_eq!(keys(&e), ["g/a", "g/b"], "10 s idle is not more than 10 s");
+        e.offer("g", "c", 10.5, 140.0, 10.0);
+        assert_eq!(keys(&e), ["g/b", "g/c"]);
+        assert_eq!(e.evicted(), (0, 1));
+        // Stream time never goes back: an old timestamp of a new series does not revive anything.
+        e.offer("h", "old", 1.0, 140.0, 10.0);
+        assert_eq!(e.clock(), 10.5);
+    }
+
+    #[test]
+    fn saved_series_restore_in_the_same_order_and_state() {
+        let mut e = Engine::new(tiny_model());
+        for (t, s) in ["a", "b", "a", "c"].iter().enumerate() {
+            e.offer("g", s, t as f64, 140.0 + t as f64, 10.0);
+        }
+        let saved: Vec<_> = e.saved_series().collect();
+        let mut r = Engine::with_limits(tiny_model(), Limits { max_series: Some(2), idle_timeout: None });
+        for s in saved.clone() {
+            r.restore(s, e.clock());
+        }
+        assert_eq!(keys(&r), ["g/a", "g/c"], "the least recently used one did not fit");
+        let back: Vec<_> = r.saved_series().collect();
+        assert_eq!(back[0], saved[1]);
+        assert_eq!(r.clock(), 3.0);
     }
 
     #[test]

@@ -90,6 +90,26 @@ impl Series {
     pub fn fits(&self, max_lag: usize) -> bool {
         self.ring.len() == 2 * max_lag && self.head < max_lag.max(1) && self.len <= max_lag
     }
+    /// The window's samples, oldest first, as (bpm, uterus): what a state file keeps.
+    pub fn samples(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        (0..self.len).rev().map(|back| self.at(back))
+    }
+    /// Rebuilds a series from saved samples (oldest first); `None` when there are more
+    /// than `max_lag` of them.
+    pub fn from_samples(max_lag: usize, samples: &[(f64, f64)], last_time: Option<f64>) -> Option<Series> {
+        if samples.len() > max_lag {
+            return None;
+        }
+        let mut s = Series::new(max_lag);
+        for (i, &(b, u)) in samples.iter().enumerate() {
+            s.ring[2 * i] = b;
+            s.ring[2 * i + 1] = u;
+        }
+        s.head = samples.len() % max_lag.max(1);
+        s.len = samples.len();
+        s.last_time = last_time;
+        Some(s)
+    }
     /// Sample `back` steps before the newest (0 = newest), as (bpm, uterus).
     fn at(&self, back: usize) -> (f64, f64) {
         let cap = self.ring.len() / 2;
@@ -300,6 +320,26 @@ mod tests {
         assert_eq!(c.push(&mut s, 8.0, 130.0, 5.0, &mut row), Pushed::Ready);
         assert_eq!(row[0], 130.0);
         assert_eq!(row[2], 120.0);
+    }
+
+    #[test]
+    fn a_series_rebuilt_from_its_samples_continues_identically() {
+        let c = small();
+        let mut s = Series::new(3);
+        let mut row = [0f32; 8];
+        for t in 0..5 {
+            c.push(&mut s, t as f64, 100.0 + t as f64, t as f64, &mut row);
+        }
+        let saved: Vec<_> = s.samples().collect();
+        assert_eq!(saved, [(102.0, 2.0), (103.0, 3.0), (104.0, 4.0)]);
+        let mut r = Series::from_samples(3, &saved, s.last_time()).unwrap();
+        let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+        assert_eq!(c.push(&mut s, 5.0, 90.0, 9.0, &mut a), c.push(&mut r, 5.0, 90.0, 9.0, &mut b));
+        assert_eq!(a, b);
+        assert!(Series::from_samples(3, &[(1.0, 1.0); 4], None).is_none());
+        let partial = Series::from_samples(3, &saved[..1], Some(2.0)).unwrap();
+        assert_eq!(partial.window_len(), 1);
+        assert!(partial.fits(3));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod forest;
 pub mod model;
 pub mod progress;
 pub mod sklearn;
+pub mod state;
 pub mod table;
 
 use std::fmt;

@@ -44,6 +44,38 @@ impl fmt::Display for RowError {
 
 impl std::error::Error for RowError {}
 
+/// Longest line accepted in a table: a file without newlines must not exhaust memory.
+pub const MAX_TABLE_LINE: usize = 1 << 20;
+
+/// Passes bytes through, failing once a line grows past [`MAX_TABLE_LINE`].
+struct LineLimit<R> {
+    inner: R,
+    line: u64,
+    /// Bytes since the last newline.
+    run: usize,
+}
+
+impl<R: Read> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.line += 1;
+                self.run = 0;
+            } else {
+                self.run += 1;
+                if self.run > MAX_TABLE_LINE {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("line {} is longer than {} bytes", self.line, MAX_TABLE_LINE),
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 const REQUIRED: [&str; 5] = ["timestamp", "group_id", "sequence_id", "bpm", "uterus"];
 
 /// Display name of an input path (`-` is stdin).
@@ -72,6 +104,7 @@ pub fn for_each_row(
     name: &str,
     mut f: impl FnMut(std::result::Result<TableRow, RowError>) -> Result<()>,
 ) -> Result<()> {
+    let input = LineLimit { inner: input, line: 1, run: 0 };
     let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(input);
     let headers = rdr.byte_headers().with_context(|| format!("cannot read the header of {name}"))?.clone();
     if headers.is_empty() {
@@ -120,7 +153,8 @@ pub fn for_each_row(
         let mut utf8_error = None;
         for (i, b) in record.iter().enumerate() {
             match std::str::from_utf8(b) {
-                Ok(s) => fields.push(s.trim()),
+                // A BOM where files were concatenated is no part of the value (as in `stream`).
+                Ok(s) => fields.push(s.trim().trim_start_matches('\u{feff}').trim_start()),
                 Err(_) => {
                     utf8_error = Some(i);
                     fields.push("");
@@ -146,7 +180,7 @@ pub fn for_each_row(
         };
         if fields[gi].is_empty() || fields[si].is_empty() {
             let which = if fields[gi].is_empty() { "group_id" } else { "sequence_id" };
-            f(Err(bad(which, "is empty".into())))?;
+            f(Err(bad(which, "empty".into())))?;
             continue;
         }
         f(Ok(TableRow {

@@ -6,18 +6,25 @@
 //! read. A file is thus processed at full speed, and `tail -f` gets each answer at once.
 
 use crate::cli::{ReplyFormat, StreamArgs};
-use crate::engine::{Engine, Offer, parse_timestamp, parse_value};
+use crate::engine::{Engine, EvictCause, Limits, NAMED_EVICTIONS, Offer, parse_timestamp, parse_value};
 use crate::model::{Detection, Model};
+use crate::state;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::time::Duration;
 
 /// Longest line kept in memory; a longer one is answered with an error, not buffered.
 pub const MAX_LINE: usize = 1 << 20;
 const READ_CHUNK: usize = 1 << 16;
+/// Longest group or sequence id; longer ones are rejected (`id_too_long`) so that a feed
+/// cannot make one series cost more than a little memory.
+pub const MAX_ID: usize = 256;
 
 /// A parsed message, borrowing from the line.
 #[derive(Debug, PartialEq)]
@@ -80,6 +87,14 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
         return Parsed::Header;
     }
     let key = (f[3], f[4]);
+    if key.0.len() > MAX_ID || key.1.len() > MAX_ID {
+        return Parsed::Bad { reason: "id_too_long", key: None };
+    }
+    // Control characters in an id would be echoed into replies (a terminal escape, a
+    // stray CR splitting a reply for a line-based consumer).
+    if key.0.bytes().chain(key.1.bytes()).any(|b| b.is_ascii_control()) {
+        return Parsed::Bad { reason: "control_char_in_id", key: None };
+    }
     if key.0.is_empty() {
         return Parsed::Bad { reason: "empty_group_id", key: None };
     }
@@ -176,189 +191,437 @@ pub struct Tally {
     pub scored: u64,
     pub warming: u64,
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Series forgotten: (over --max-series, idle).
+    pub evicted: (u64, u64),
 }
 
 impl Tally {
     pub fn summary(&self) -> String {
         let total: u64 = self.rejected.values().sum();
         let reasons: Vec<String> = self.rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
-        format!(
-            "fad stream: {} lines, {} scored, {} warming up, {} not scorable ({})",
-            self.lines,
-            self.scored,
-            self.warming,
-            total,
-            reasons.join(", ")
-        )
+        let mut s = format!(
+            "fad stream: {} lines, {} scored, {} warming up, {} not scorable",
+            self.lines, self.scored, self.warming, total
+        );
+        if total > 0 {
+            s.push_str(&format!(" ({})", reasons.join(", ")));
+        }
+        let (max, idle) = self.evicted;
+        if max + idle > 0 {
+            s.push_str(&format!("; {} series forgotten ({max} over --max-series, {idle} idle)", max + idle));
+        }
+        s
     }
 }
 
-/// Processes every complete line of `buf` (each ending in '\n'; `last` may lack it).
-fn process_lines<W: Write>(
-    engine: &mut Engine,
-    buf: &[u8],
-    lines: &[LineRef],
-    replies: &mut Vec<Reply>,
-    detections: &mut Vec<Detection>,
-    out: &mut ReplyWriter<W>,
-    tally: &mut Tally,
-) -> io::Result<()> {
-    replies.clear();
-    let max_lag = engine.model().features.max_lag();
-    for line in lines {
-        tally.lines += 1;
-        let r = match line {
-            LineRef::Text(r) => r,
-            LineRef::TooLong => {
-                replies.push(Reply::NotReady { needed: max_lag, error: Some("line_too_long") });
-                continue;
-            }
-        };
-        let reply = match parse_line(&buf[r.clone()]) {
-            Parsed::Message(m) => match engine.offer(m.group_id, m.sequence_id, m.time, m.bpm, m.uterus) {
-                Offer::WarmingUp { needed } => Reply::NotReady { needed, error: None },
-                Offer::Rejected { reason, needed } => Reply::NotReady { needed, error: Some(reason.as_str()) },
-                Offer::Pending(batch_index) => Reply::Scored { line: r.clone(), batch_index },
-            },
-            Parsed::Header => Reply::NotReady { needed: max_lag, error: None },
-            Parsed::Blank => Reply::NotReady { needed: max_lag, error: Some("empty_line") },
-            Parsed::Bad { reason, key } => {
-                let needed = key.map_or(max_lag, |(g, s)| engine.needed(g, s));
-                Reply::NotReady { needed, error: Some(reason) }
-            }
-        };
-        replies.push(reply);
-    }
-    engine.score_pending(detections);
-    for reply in replies.iter() {
-        match reply {
-            Reply::NotReady { needed, error } => {
-                match error {
-                    Some(e) => *tally.rejected.entry(e).or_default() += 1,
-                    None => tally.warming += 1,
-                }
-                out.not_ready(*needed, *error)?;
-            }
-            Reply::Scored { line, batch_index } => {
-                tally.scored += 1;
-                let Parsed::Message(m) = parse_line(&buf[line.clone()]) else {
-                    unreachable!("a scored line parsed as a message a moment ago")
-                };
-                out.scored(&m, &detections[*batch_index])?;
-            }
-        }
-    }
-    Ok(())
+/// The line machine of `fad stream`: takes input in chunks of any size, answers every
+/// complete line, in order, exactly once. It does no reading and no signal handling, so
+/// it can be driven by the live loop ([`drive`]) or directly (tests, fuzzing).
+pub struct Stream<W: Write> {
+    engine: Engine,
+    out: ReplyWriter<io::BufWriter<W>>,
+    pub tally: Tally,
+    /// Unanswered input: the incomplete last line, plus the new chunk while it is processed.
+    buf: Vec<u8>,
+    lines: Vec<LineRef>,
+    replies: Vec<Reply>,
+    detections: Vec<Detection>,
+    /// Bytes of an over-long line are dropped as they come; the line is answered at its end.
+    skipping_long_line: bool,
 }
 
-/// Runs the stream loop over `input`, writing to `output`. `reload` is polled between
-/// chunks; when set, the model is reloaded from its directory.
-pub fn run_stream<R: Read, W: Write>(
-    model: Arc<Model>,
-    mut input: R,
-    output: W,
-    format: ReplyFormat,
-    reload: Option<&AtomicBool>,
-) -> Result<Tally> {
-    let mut engine = Engine::new(model);
-    let mut out = ReplyWriter::new(io::BufWriter::with_capacity(1 << 16, output), format);
-    let mut tally = Tally::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK * 2);
-    let mut lines: Vec<LineRef> = Vec::new();
-    let (mut replies, mut detections) = (Vec::new(), Vec::new());
-    // Bytes of an over-long line are dropped as they come; the line is answered at its end.
-    let mut skipping_long_line = false;
-    let mut eof = false;
-    while !eof {
-        if let Some(flag) = reload
-            && flag.swap(false, Ordering::SeqCst)
-        {
-            engine = reload_model(engine);
+impl<W: Write> Stream<W> {
+    pub fn new(engine: Engine, output: W, format: ReplyFormat) -> Self {
+        Stream {
+            engine,
+            out: ReplyWriter::new(io::BufWriter::with_capacity(1 << 16, output), format),
+            tally: Tally::default(),
+            buf: Vec::with_capacity(READ_CHUNK * 2),
+            lines: Vec::new(),
+            replies: Vec::new(),
+            detections: Vec::new(),
+            skipping_long_line: false,
         }
-        out.out.flush()?;
-        let start = buf.len();
-        buf.resize(start + READ_CHUNK, 0);
-        let got = loop {
-            match input.read(&mut buf[start..]) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    if reload.is_some_and(|f| f.load(Ordering::SeqCst)) {
-                        break 0usize.wrapping_sub(1); // signal arrived: go reload, then read again
-                    }
-                }
-                Err(e) => return Err(e).context("cannot read input"),
-            }
-        };
-        if got == usize::MAX {
-            buf.truncate(start);
-            continue;
-        }
-        buf.truncate(start + got);
-        eof = got == 0;
-        lines.clear();
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Replaces the engine (model reload) between two chunks.
+    pub fn map_engine(&mut self, f: impl FnOnce(Engine) -> Engine) {
+        let placeholder = Engine::new(Arc::clone(self.engine.model()));
+        let old = std::mem::replace(&mut self.engine, placeholder);
+        self.engine = f(old);
+    }
+
+    /// Bytes held for a line not yet complete (bounded by [`MAX_LINE`] plus one chunk).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.out.flush()
+    }
+
+    /// Answers every line that `chunk` completes.
+    pub fn feed(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        self.lines.clear();
         let mut line_start = 0;
         let mut scan = start;
-        while let Some(pos) = memchr(b'\n', &buf[scan..]) {
+        while let Some(pos) = memchr(b'\n', &self.buf[scan..]) {
             let end = scan + pos;
-            if skipping_long_line {
-                skipping_long_line = false;
-                lines.push(LineRef::TooLong);
+            if std::mem::take(&mut self.skipping_long_line) || end - line_start > MAX_LINE {
+                self.lines.push(LineRef::TooLong);
             } else {
-                lines.push(LineRef::Text(line_start..end));
+                self.lines.push(LineRef::Text(line_start..end));
             }
             line_start = end + 1;
             scan = end + 1;
         }
-        if eof && skipping_long_line {
-            lines.push(LineRef::TooLong);
-        } else if eof && line_start < buf.len() {
-            lines.push(LineRef::Text(line_start..buf.len()));
-            line_start = buf.len();
+        self.answer_lines()?;
+        self.buf.drain(..line_start);
+        if self.buf.len() > MAX_LINE {
+            self.buf.clear();
+            self.buf.shrink_to(READ_CHUNK * 2);
+            self.skipping_long_line = true;
         }
-        process_lines(&mut engine, &buf, &lines, &mut replies, &mut detections, &mut out, &mut tally)?;
-        buf.drain(..line_start);
-        if buf.len() > MAX_LINE {
-            buf.clear();
-            skipping_long_line = true;
-        }
+        Ok(())
     }
-    out.out.flush()?;
-    Ok(tally)
+
+    /// End of input: answers a last line that lacks its newline, and flushes.
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.lines.clear();
+        if std::mem::take(&mut self.skipping_long_line) {
+            self.lines.push(LineRef::TooLong);
+        } else if !self.buf.is_empty() {
+            self.lines.push(LineRef::Text(0..self.buf.len()));
+        }
+        self.answer_lines()?;
+        self.buf.clear();
+        self.flush()
+    }
+
+    /// Offers the lines of `self.lines` to the engine, scores the windows that filled in
+    /// one batch, and writes one reply per line, in order.
+    fn answer_lines(&mut self) -> io::Result<()> {
+        self.replies.clear();
+        let max_lag = self.engine.model().features.max_lag();
+        for line in &self.lines {
+            self.tally.lines += 1;
+            let r = match line {
+                LineRef::Text(r) => r,
+                LineRef::TooLong => {
+                    self.replies.push(Reply::NotReady { needed: max_lag, error: Some("line_too_long") });
+                    continue;
+                }
+            };
+            let reply = match parse_line(&self.buf[r.clone()]) {
+                Parsed::Message(m) => match self.engine.offer(m.group_id, m.sequence_id, m.time, m.bpm, m.uterus) {
+                    Offer::WarmingUp { needed } => Reply::NotReady { needed, error: None },
+                    Offer::Rejected { reason, needed } => Reply::NotReady { needed, error: Some(reason.as_str()) },
+                    Offer::Pending(batch_index) => Reply::Scored { line: r.clone(), batch_index },
+                },
+                Parsed::Header => Reply::NotReady { needed: max_lag, error: None },
+                Parsed::Blank => Reply::NotReady { needed: max_lag, error: Some("empty_line") },
+                Parsed::Bad { reason, key } => {
+                    let needed = key.map_or(max_lag, |(g, s)| self.engine.needed(g, s));
+                    Reply::NotReady { needed, error: Some(reason) }
+                }
+            };
+            self.replies.push(reply);
+        }
+        self.engine.score_pending(&mut self.detections);
+        self.tally.evicted = self.engine.evicted();
+        for reply in &self.replies {
+            write_reply(&mut self.out, &mut self.tally, &self.buf, &self.detections, reply)?;
+        }
+        Ok(())
+    }
 }
 
-fn reload_model(engine: Engine) -> Engine {
-    let dir = engine.model().dir.clone();
-    match Model::load(&dir) {
+/// Writes one reply; the single place a reply leaves fad (a per-reply hook goes here).
+fn write_reply<W: Write>(
+    out: &mut ReplyWriter<W>,
+    tally: &mut Tally,
+    buf: &[u8],
+    detections: &[Detection],
+    reply: &Reply,
+) -> io::Result<()> {
+    match reply {
+        Reply::NotReady { needed, error } => {
+            match error {
+                Some(e) => *tally.rejected.entry(e).or_default() += 1,
+                None => tally.warming += 1,
+            }
+            out.not_ready(*needed, *error)
+        }
+        Reply::Scored { line, batch_index } => {
+            tally.scored += 1;
+            let Parsed::Message(m) = parse_line(&buf[line.clone()]) else {
+                unreachable!("a scored line parsed as a message a moment ago")
+            };
+            out.scored(&m, &detections[*batch_index])
+        }
+    }
+}
+
+/// Flags set by signal handlers, polled between chunks and while waiting for input.
+#[derive(Clone, Default)]
+pub struct Control {
+    /// SIGHUP: reload the model.
+    pub reload: Arc<AtomicBool>,
+    /// SIGINT or SIGTERM: the signal number, 0 while none arrived.
+    pub stop: Arc<AtomicUsize>,
+}
+
+impl Control {
+    /// Installs the handlers. A second SIGINT/SIGTERM while the first is being handled
+    /// (say, a slow state save) ends the process at once, as users expect of Ctrl-C.
+    pub fn install() -> Result<Control> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let c = Control::default();
+        signal_hook::flag::register(SIGHUP, Arc::clone(&c.reload)).context("cannot install the SIGHUP handler")?;
+        for sig in [SIGINT, SIGTERM] {
+            let stopping = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stopping))
+                .context("cannot install the SIGINT/SIGTERM handlers")?;
+            signal_hook::flag::register(sig, stopping).context("cannot install the SIGINT/SIGTERM handlers")?;
+            signal_hook::flag::register_usize(sig, Arc::clone(&c.stop), sig as usize)
+                .context("cannot install the SIGINT/SIGTERM handlers")?;
+        }
+        Ok(c)
+    }
+}
+
+/// How the input loop ended.
+#[derive(Debug, PartialEq)]
+pub enum Ending {
+    Eof,
+    /// SIGINT or SIGTERM (the number).
+    Signal(i32),
+}
+
+/// What the input loop does besides answering lines.
+pub struct Options {
+    /// The --model path as given, so a reload follows a repointed symlink.
+    pub model_path: PathBuf,
+    pub state: Option<PathBuf>,
+    pub checkpoint_every: Option<u64>,
+}
+
+/// A chunk of input from the reader thread; empty at end of input.
+pub type Chunk = io::Result<Vec<u8>>;
+
+/// Reads `input` on its own thread, so that the main loop never blocks in read(): it
+/// waits on the channel with a timeout and notices signals within [`POLL`] however quiet
+/// the feed is. The channel is bounded, so memory is too.
+pub fn spawn_reader<R: Read + Send + 'static>(mut input: R) -> Receiver<Chunk> {
+    let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+    std::thread::Builder::new()
+        .name("fad-reader".into())
+        .spawn(move || {
+            loop {
+                let mut chunk = vec![0u8; READ_CHUNK];
+                match input.read(&mut chunk) {
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        if tx.send(Ok(chunk)).is_err() || n == 0 {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("cannot start the input thread");
+    rx
+}
+
+/// How long the loop waits for input before it looks at the signal flags again.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// The live loop: answers chunks as they come, flushes before it waits, reloads the model
+/// on SIGHUP, checkpoints the state, and stops at end of input or on SIGINT/SIGTERM
+/// (answering first what was already read).
+pub fn drive<W: Write>(
+    stream: &mut Stream<W>,
+    input: &Receiver<Chunk>,
+    ctl: &Control,
+    opts: &Options,
+) -> Result<Ending> {
+    let mut since_checkpoint = 0u64;
+    let mut announced_quiet_evictions = false;
+    loop {
+        let stop = ctl.stop.load(Ordering::SeqCst);
+        if stop != 0 {
+            while let Ok(chunk) = input.try_recv() {
+                if feed_chunk(stream, chunk)? {
+                    break;
+                }
+            }
+            return Ok(Ending::Signal(stop as i32));
+        }
+        if ctl.reload.swap(false, Ordering::SeqCst) {
+            stream.map_engine(|e| reload_model(e, &opts.model_path));
+        }
+        if let (Some(n), Some(path)) = (opts.checkpoint_every, &opts.state)
+            && since_checkpoint >= n
+        {
+            // Saved before the replies are flushed: a reply seen implies its state is on disk.
+            if let Err(e) = state::save(stream.engine(), path) {
+                note(&format!("fad stream: checkpoint failed, will retry: {e:#}"));
+            }
+            since_checkpoint = 0;
+        }
+        let chunk = match input.try_recv() {
+            Ok(c) => c,
+            Err(TryRecvError::Empty) => {
+                stream.flush()?;
+                match input.recv_timeout(POLL) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => Ok(Vec::new()),
+                }
+            }
+            Err(TryRecvError::Disconnected) => Ok(Vec::new()),
+        };
+        let before = stream.tally.lines;
+        let eof = feed_chunk(stream, chunk)?;
+        since_checkpoint += stream.tally.lines - before;
+        for ev in stream.engine.take_named_evictions() {
+            let why = match ev.cause {
+                EvictCause::MaxSeries => "--max-series reached, least recently used",
+                EvictCause::Idle => "idle past --idle-timeout",
+            };
+            note(&format!("fad stream: forgot series {},{} ({why})", ev.group_id, ev.sequence_id));
+        }
+        let (max, idle) = stream.engine.evicted();
+        if !announced_quiet_evictions && max + idle > NAMED_EVICTIONS as u64 {
+            announced_quiet_evictions = true;
+            note("fad stream: further forgotten series are only counted (summary at the end)");
+        }
+        if eof {
+            return Ok(Ending::Eof);
+        }
+    }
+}
+
+/// Feeds one chunk from the reader; true at end of input.
+fn feed_chunk<W: Write>(stream: &mut Stream<W>, chunk: Chunk) -> Result<bool> {
+    let chunk = chunk.context("cannot read input")?;
+    if chunk.is_empty() {
+        stream.finish()?;
+        return Ok(true);
+    }
+    stream.feed(&chunk)?;
+    Ok(false)
+}
+
+/// Loads the model again from the --model path (resolving a symlink once, so meta.json
+/// and the forest files come from the same directory) and swaps it in; a model that does
+/// not load leaves the old one in place.
+fn reload_model(engine: Engine, path: &Path) -> Engine {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    match Model::load(&resolved) {
         Ok(new) => {
-            eprintln!("fad stream: reloaded model from {}", dir.display());
-            Engine::new_keeping_state(engine, Arc::new(new))
+            let (engine, kept) = Engine::new_keeping_state(engine, Arc::new(new));
+            let windows =
+                if kept { "windows kept" } else { "it computes other features, so every series warms up again" };
+            note(&format!("fad stream: reloaded model from {} ({windows})", resolved.display()));
+            engine
         }
         Err(e) => {
-            eprintln!("fad stream: kept the old model; the new one in {} is unusable: {e:#}", dir.display());
+            note(&format!("fad stream: kept the old model; the new one in {} is unusable: {e:#}", path.display()));
             engine
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
+}
+
+/// A line on stderr that never fails (a closed stderr must not crash the stream).
+fn note(text: &str) {
+    let _ = writeln!(io::stderr(), "{text}");
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == needle)
 }
 
+/// Builds the engine, restoring --state when given.
+fn start_engine(args: &StreamArgs, model: Arc<Model>) -> Result<Engine> {
+    let limits = Limits {
+        max_series: args.max_series.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        idle_timeout: args.idle_timeout,
+    };
+    let mut engine = Engine::with_limits(Arc::clone(&model), limits);
+    let Some(path) = &args.state else { return Ok(engine) };
+    state::check_writable(path)?;
+    match state::load(&mut engine, path) {
+        Ok(r) if r.series > 0 => {
+            note(&format!(
+                "fad stream: restored {} series from {} ({} kept)",
+                r.series,
+                path.display(),
+                engine.series_count()
+            ));
+            Ok(engine)
+        }
+        Ok(_) => Ok(engine),
+        Err(e) if args.state_reset => {
+            note(&format!("fad stream: starting afresh (--state-reset): {e:#}"));
+            Ok(Engine::with_limits(model, limits))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(args: StreamArgs) -> Result<()> {
     let model = Arc::new(Model::load(&args.model)?);
-    let reload = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
-        .context("cannot install the SIGHUP handler")?;
-    let stdout = io::stdout();
-    let tally = match &args.input {
+    let engine = start_engine(&args, model)?;
+    let ctl = Control::install()?;
+    let input = match &args.input {
         Some(path) => {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            run_stream(model, file, stdout.lock(), args.format, Some(&reload))?
+            spawn_reader(file)
         }
-        None => run_stream(model, io::stdin().lock(), stdout.lock(), args.format, Some(&reload))?,
+        None => spawn_reader(io::stdin()),
     };
-    if !tally.rejected.is_empty() {
-        eprintln!("{}", tally.summary());
+    let opts =
+        Options { model_path: args.model.clone(), state: args.state.clone(), checkpoint_every: args.checkpoint_every };
+    let stdout = io::stdout();
+    let mut stream = Stream::new(engine, stdout.lock(), args.format);
+    let ending = drive(&mut stream, &input, &ctl, &opts);
+    // Whatever ended the loop (end of input, a signal, a closed stdout), the windows are
+    // saved; the replies written so far are flushed first.
+    let flushed = stream.flush();
+    let saved = match &opts.state {
+        Some(path) => state::save(stream.engine(), path),
+        None => Ok(()),
+    };
+    let t = &stream.tally;
+    // A closed stdout (`| head`) ends quietly: no summary either.
+    let pipe_closed = ending.as_ref().err().is_some_and(is_broken_pipe)
+        || flushed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe);
+    if !pipe_closed && (!t.rejected.is_empty() || t.evicted != (0, 0)) {
+        note(&t.summary());
+    }
+    let ending = ending?;
+    flushed?;
+    saved?;
+    if let Ending::Signal(sig) = ending {
+        // End the way the signal would have, so a shell or supervisor sees 128+N.
+        drop(stream);
+        signal_hook::low_level::emulate_default_handler(sig).context("cannot end on the signal")?;
     }
     Ok(())
 }
