@@ -61,6 +61,11 @@ complete -c fad -n "__fish_fad_using_subcommand stream" -l model -d 'Artifacts d
 complete -c fad -n "__fish_fad_using_subcommand stream" -l format -d 'Reply format' -r -f -a "text\t'ready:...,detection:...,needed:N'
 json\t'One JSON object per line'"
 complete -c fad -n "__fish_fad_using_subcommand stream" -l input -d 'Input file instead of stdin' -r -F
+complete -c fad -n "__fish_fad_using_subcommand stream" -l state -d 'Keep every series\' window in FILE: restored at start, saved atomically at exit (end of input, SIGINT, SIGTERM) and at each checkpoint' -r -F
+complete -c fad -n "__fish_fad_using_subcommand stream" -l checkpoint-every -d 'Also save the --state file every N input lines (at the next chunk boundary)' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l max-series -d 'Keep at most N series in memory; the least recently used one is forgotten' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l idle-timeout -d 'Forget a series that got no valid sample for SECONDS of stream time (the latest timestamp seen in the feed, not the wall clock)' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l state-reset -d 'Start afresh when the --state file is corrupt or was written for other features'
 complete -c fad -n "__fish_fad_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "convert" -d 'Turn a folder tree of CTG recordings into one table (or a live feed)'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "train" -d 'Fit an isolation forest on CTG features and write the model artifacts'
