@@ -245,7 +245,13 @@ pub fn write_artifacts(out_dir: &Path, mut meta: Meta, forests: &[(Role, &Forest
         return Err(e);
     }
     if out_dir.exists() {
-        // rename() cannot replace a non-empty directory: move the old one aside first.
+        // rename() cannot replace a non-empty directory. Swap the two atomically where the
+        // system can (a reader sees the old model or the new one, never none); otherwise
+        // move the old one aside first.
+        if exchange_dirs(&tmp, out_dir).is_ok() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Ok(());
+        }
         let old = parent.join(format!(".{base}.old-{}", std::process::id()));
         fs::rename(out_dir, &old).with_context(|| format!("cannot move old {} aside", out_dir.display()))?;
         fs::rename(&tmp, out_dir)
@@ -256,6 +262,24 @@ pub fn write_artifacts(out_dir: &Path, mut meta: Meta, forests: &[(Role, &Forest
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))?;
     }
     Ok(())
+}
+
+/// Atomically exchanges two paths (Linux `renameat2(RENAME_EXCHANGE)`).
+#[cfg(target_os = "linux")]
+fn exchange_dirs(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are valid NUL-terminated paths for the duration of the call.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange_dirs(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -417,3 +417,21 @@ fn realtime_feed_keeps_the_content_and_checks_its_flags() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
 }
+
+#[test]
+fn train_force_replaces_the_model_and_leaves_no_temporary_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    for n in ["3", "4"] {
+        let mut cmd = fad();
+        cmd.args(["train", "--n-estimators", n, "--out-dir"]).arg(&model).arg(sample("ctu-uhb"));
+        if n == "4" {
+            cmd.arg("--force");
+        }
+        cmd.assert().success();
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["config"]["n_estimators"], 4);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("m")]);
+}
