@@ -177,7 +177,7 @@ _fad() {
             return 0
             ;;
         fad__subcmd__score)
-            opts="-h --model --all --n-jobs --join --help"
+            opts="-h --model --all --with-features --n-jobs --join --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -245,7 +245,7 @@ _fad() {
             return 0
             ;;
         fad__subcmd__train)
-            opts="-h --input-csv --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --help"
+            opts="-h --input-csv --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --features --feature-config --flag-rate --train-class --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -289,6 +289,22 @@ _fad() {
                     ;;
                 --join)
                     COMPREPLY=($(compgen -W "inner outer" -- "${cur}"))
+                    return 0
+                    ;;
+                --features)
+                    COMPREPLY=($(compgen -W "filters window" -- "${cur}"))
+                    return 0
+                    ;;
+                --feature-config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --flag-rate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --train-class)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

@@ -49,6 +49,11 @@ complete -c fad -n "__fish_fad_using_subcommand train" -l random-state -d 'Seed 
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-jobs -d 'Worker threads (default: all cores). Results do not depend on it' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l join -d 'With a data directory as INPUT: how bpm and uterus rows are matched' -r -f -a "inner\t'Only timestamps present in both the bpm and the uterus file'
 outer\t'Every timestamp of either file; the missing value is left empty'"
+complete -c fad -n "__fish_fad_using_subcommand train" -l features -d 'Feature set: fad\'s time-based filters, or the prototype\'s lag/rolling window' -r -f -a "filters\t'Exponentially weighted level, baseline, variability, burden, jump and flat time per signal, with time constants in seconds (one model for any sampling rate)'
+window\t'Lags 1,2,3,6,12,24 and rolling mean/std over 3,6,12 samples (SPEC section 2)'"
+complete -c fad -n "__fish_fad_using_subcommand train" -l feature-config -d 'JSON object of feature settings (meta.json `config` keys, e.g. {"max_gap_s": 30, "filters": {"baseline_s": 600}}) laid over the defaults of --features' -r -F
+complete -c fad -n "__fish_fad_using_subcommand train" -l flag-rate -d 'Share of training samples each per-signal forest flags: its offset is that percentile of its training scores (bpm_anomaly, uterus_anomaly)' -r
+complete -c fad -n "__fish_fad_using_subcommand train" -l train-class -d 'Fit the forests on training groups of this class only (e.g. regular); the validation report still covers every class' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l force -d 'Replace a non-empty --out-dir'
 complete -c fad -n "__fish_fad_using_subcommand train" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand score" -l model -d 'Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl)' -r -F
@@ -56,6 +61,7 @@ complete -c fad -n "__fish_fad_using_subcommand score" -l n-jobs -d 'Worker thre
 complete -c fad -n "__fish_fad_using_subcommand score" -l join -d 'With a data directory as INPUT: how bpm and uterus rows are matched' -r -f -a "inner\t'Only timestamps present in both the bpm and the uterus file'
 outer\t'Every timestamp of either file; the missing value is left empty'"
 complete -c fad -n "__fish_fad_using_subcommand score" -l all -d 'Also write rows that were not scored (warm-up, signal loss), with empty result fields'
+complete -c fad -n "__fish_fad_using_subcommand score" -l with-features -d 'Also write the model\'s feature columns (meta.json feature_cols) after the result'
 complete -c fad -n "__fish_fad_using_subcommand score" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand stream" -l model -d 'Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl)' -r -F
 complete -c fad -n "__fish_fad_using_subcommand stream" -l format -d 'Reply format' -r -f -a "text\t'ready:...,detection:...,needed:N'

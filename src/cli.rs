@@ -121,6 +121,30 @@ pub struct TrainArgs {
     /// With a data directory as INPUT: how bpm and uterus rows are matched.
     #[arg(long, value_enum, default_value_t = Join::Inner)]
     pub join: Join,
+    /// Feature set: fad's time-based filters, or the prototype's lag/rolling window.
+    #[arg(long, value_enum, default_value_t = FeatureSet::Filters, value_name = "SET")]
+    pub features: FeatureSet,
+    /// JSON object of feature settings (meta.json `config` keys, e.g. {"max_gap_s": 30,
+    /// "filters": {"baseline_s": 600}}) laid over the defaults of --features.
+    #[arg(long, value_name = "FILE")]
+    pub feature_config: Option<PathBuf>,
+    /// Share of training samples each per-signal forest flags: its offset is that
+    /// percentile of its training scores (bpm_anomaly, uterus_anomaly).
+    #[arg(long, default_value_t = 0.005, value_name = "F")]
+    pub flag_rate: f64,
+    /// Fit the forests on training groups of this class only (e.g. regular); the
+    /// validation report still covers every class.
+    #[arg(long, value_name = "CLASS")]
+    pub train_class: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FeatureSet {
+    /// Exponentially weighted level, baseline, variability, burden, jump and flat time per
+    /// signal, with time constants in seconds (one model for any sampling rate).
+    Filters,
+    /// Lags 1,2,3,6,12,24 and rolling mean/std over 3,6,12 samples (SPEC section 2).
+    Window,
 }
 
 /// Score a merged table with a trained model (batch).
@@ -143,6 +167,9 @@ pub struct ScoreArgs {
     /// Also write rows that were not scored (warm-up, signal loss), with empty result fields.
     #[arg(long)]
     pub all: bool,
+    /// Also write the model's feature columns (meta.json feature_cols) after the result.
+    #[arg(long)]
+    pub with_features: bool,
     /// Worker threads (default: all cores).
     #[arg(long, alias = "n_jobs", value_name = "N")]
     pub n_jobs: Option<usize>,

@@ -8,6 +8,7 @@
 use crate::features::{Pushed, Rejection, Series};
 use crate::model::{Detection, Model};
 use indexmap::IndexMap;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// What offering one sample did.
@@ -66,6 +67,8 @@ struct Slot {
     used_at: f64,
     prev: usize,
     next: usize,
+    /// The last valid samples as (time, bpm, uterus), kept only for a forecaster.
+    history: VecDeque<[f64; 3]>,
 }
 
 /// One series as saved in a state file: key, last use (stream time) and window.
@@ -93,6 +96,8 @@ pub struct Engine {
     named_total: usize,
     pending: Vec<f32>,
     row: Vec<f32>,
+    /// Samples of raw history kept per series (0: none).
+    history: usize,
 }
 
 impl Engine {
@@ -115,6 +120,7 @@ impl Engine {
             named_total: 0,
             pending: Vec::new(),
             row: vec![0.0; w],
+            history: 0,
         }
     }
 
@@ -124,6 +130,7 @@ impl Engine {
     pub fn new_keeping_state(old: Engine, model: Arc<Model>) -> (Engine, bool) {
         let same = old.model.features == model.features;
         let mut e = Engine::with_limits(Arc::clone(&model), old.limits);
+        e.history = old.history;
         e.evicted = old.evicted;
         e.named_total = old.named_total;
         if same {
@@ -133,6 +140,39 @@ impl Engine {
             e.clock = old.clock;
         }
         (e, same)
+    }
+
+    /// Keeps the last `n` valid samples of every series (for a forecaster).
+    pub fn keep_history(&mut self, n: usize) {
+        self.history = n;
+    }
+
+    /// The kept history of a series, oldest first, as (time, bpm, uterus).
+    pub fn history(&mut self, group_id: &str, sequence_id: &str) -> Option<&VecDeque<[f64; 3]>> {
+        self.make_key(group_id, sequence_id);
+        self.series.get(&self.key[..]).map(|s| &s.history)
+    }
+
+    /// Scores future `points` (time, bpm, uterus) of a series as if they came next, on a
+    /// copy of its state: the series itself is untouched. Each point that would be scored
+    /// leaves a row in the pending batch; returns their batch indices (None: the point
+    /// would not be scored, e.g. a forecast value that is signal loss).
+    pub fn forecast(&mut self, group_id: &str, sequence_id: &str, points: &[[f64; 3]]) -> Vec<Option<usize>> {
+        self.make_key(group_id, sequence_id);
+        let Some(slot) = self.series.get(&self.key[..]) else { return vec![None; points.len()] };
+        let mut copy = slot.series.clone();
+        let model = Arc::clone(&self.model);
+        points
+            .iter()
+            .map(|&[t, b, u]| match model.features.push(&mut copy, t, b, u, &mut self.row) {
+                Pushed::Ready => {
+                    let idx = self.pending.len() / self.row.len();
+                    self.pending.extend_from_slice(&self.row);
+                    Some(idx)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -177,8 +217,8 @@ impl Engine {
 
     /// Valid samples a series still needs before it is scored (max_lag for an unknown one).
     pub fn needed(&mut self, group_id: &str, sequence_id: &str) -> usize {
-        let max_lag = self.model.features.max_lag();
-        self.series(group_id, sequence_id).map_or(max_lag, |s| max_lag - s.window_len().min(max_lag))
+        let warmup = self.model.features.warmup();
+        self.series(group_id, sequence_id).map_or(warmup, |s| warmup - s.window_len().min(warmup))
     }
 
     pub fn offer(&mut self, group_id: &str, sequence_id: &str, time: f64, bpm: f64, uterus: f64) -> Offer {
@@ -198,14 +238,15 @@ impl Engine {
                     None
                 };
                 if let Some(reason) = reason {
-                    return Offer::Rejected { reason, needed: fc.max_lag() };
+                    return Offer::Rejected { reason, needed: fc.warmup() };
                 }
                 if let Some(max) = self.limits.max_series {
                     while self.series.len() >= max.max(1) && self.lru_head != NIL {
                         self.evict(self.lru_head, EvictCause::MaxSeries);
                     }
                 }
-                let slot = Slot { series: Series::new(fc.max_lag()), used_at: time, prev: NIL, next: NIL };
+                let slot =
+                    Slot { series: fc.new_series(), used_at: time, prev: NIL, next: NIL, history: VecDeque::new() };
                 let i = self.series.insert_full(self.key.clone().into_boxed_slice(), slot).0;
                 self.link_tail(i);
                 i
@@ -213,6 +254,13 @@ impl Engine {
         };
         let pushed = fc.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
         if !matches!(pushed, Pushed::Rejected { .. }) {
+            if self.history > 0 {
+                let h = &mut self.series[idx].history;
+                if h.len() >= self.history {
+                    h.pop_front();
+                }
+                h.push_back([time, bpm, uterus]);
+            }
             self.touch(idx, time);
             self.evict_idle();
         }
@@ -327,7 +375,13 @@ impl Engine {
             self.clock = clock;
         }
         self.make_key(&saved.group_id, &saved.sequence_id);
-        let slot = Slot { series: saved.series, used_at: saved.used_at.min(self.clock), prev: NIL, next: NIL };
+        let slot = Slot {
+            series: saved.series,
+            used_at: saved.used_at.min(self.clock),
+            prev: NIL,
+            next: NIL,
+            history: VecDeque::new(),
+        };
         let i = match self.series.get_index_of(&self.key[..]) {
             Some(i) => {
                 self.unlink(i);
@@ -343,6 +397,11 @@ impl Engine {
             }
         }
         self.evict_idle();
+    }
+
+    /// The feature rows waiting to be scored (row-major), in batch order.
+    pub fn pending_rows(&self) -> &[f32] {
+        &self.pending
     }
 
     pub fn pending_len(&self) -> usize {
@@ -421,9 +480,12 @@ mod tests {
     }
 
     fn tiny_model() -> Arc<Model> {
-        use crate::features::FeatureConfig;
+        use crate::features::{FeatureConfig, FeatureKind};
         use crate::forest::{Forest, ForestSpec};
-        let features = FeatureConfig { lags: vec![1, 2], roll_windows: vec![], ..FeatureConfig::default() };
+        let features = FeatureConfig {
+            kind: FeatureKind::Window { lags: vec![1, 2], roll_windows: vec![] },
+            ..FeatureConfig::window_default()
+        };
         let spec: ForestSpec = serde_json::from_value(serde_json::json!({
             "n_features": 4, "max_samples": 2, "offset": -0.5,
             "trees": [{"features": [0, 1, 2, 3], "children_left": [-1], "children_right": [-1], "feature": [-2],

@@ -2,7 +2,7 @@
 //! atomically and checked at load; and the detector that turns a feature row into a score
 //! and per-signal flags.
 
-use crate::features::{FeatureConfig, SIGNALS};
+use crate::features::{FeatureConfig, FeatureKind, SIGNALS};
 use crate::forest::{Forest, ForestSpec};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -47,8 +47,9 @@ pub struct Meta {
     pub report: Option<Value>,
 }
 
-/// Reads the feature settings of a model's config. Keys the prototype did not have
-/// (`bpm_valid_range`, `uterus_valid_min`, `max_gap_s`) mean "no limit" when absent.
+/// Reads the feature settings of a model's config. Without `feature_set`, the config is
+/// the prototype's window features; keys the prototype did not have (`bpm_valid_range`,
+/// `uterus_valid_min`, `zero_is_loss`, `max_gap_s`) mean "no limit" when absent.
 pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
     fn list(config: &Value, key: &str, default: &[usize]) -> Result<Vec<usize>> {
         match config.get(key) {
@@ -65,16 +66,46 @@ pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
             }
         }
     }
-    let d = FeatureConfig::default();
+    let kind = match config.get("feature_set").and_then(Value::as_str) {
+        None | Some("window") => FeatureKind::Window {
+            lags: list(config, "lags", &[1, 2, 3, 6, 12, 24])?,
+            roll_windows: list(config, "roll_windows", &[3, 6, 12])?,
+        },
+        Some("filters") => {
+            FeatureKind::Filters(opt(config, "filters")?.ok_or_else(|| anyhow!("config.filters is missing"))?)
+        }
+        Some(other) => bail!("config.feature_set {other:?} is not one fad knows (window, filters)"),
+    };
     let fc = FeatureConfig {
-        lags: list(config, "lags", &d.lags)?,
-        roll_windows: list(config, "roll_windows", &d.roll_windows)?,
+        kind,
         bpm_valid_range: opt(config, "bpm_valid_range")?,
         uterus_valid_min: opt(config, "uterus_valid_min")?,
+        zero_is_loss: opt(config, "zero_is_loss")?.unwrap_or(false),
         max_gap_s: opt(config, "max_gap_s")?,
     };
     fc.validate().map_err(|e| anyhow!("config: {e}"))?;
     Ok(fc)
+}
+
+/// The config keys that describe `fc`, as [`feature_config_from`] reads them back.
+pub fn feature_config_json(fc: &FeatureConfig) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    match &fc.kind {
+        FeatureKind::Window { lags, roll_windows } => {
+            m.insert("feature_set".into(), "window".into());
+            m.insert("lags".into(), serde_json::json!(lags));
+            m.insert("roll_windows".into(), serde_json::json!(roll_windows));
+        }
+        FeatureKind::Filters(p) => {
+            m.insert("feature_set".into(), "filters".into());
+            m.insert("filters".into(), serde_json::to_value(p).expect("filter settings serialise"));
+        }
+    }
+    m.insert("bpm_valid_range".into(), serde_json::json!(fc.bpm_valid_range));
+    m.insert("uterus_valid_min".into(), serde_json::json!(fc.uterus_valid_min));
+    m.insert("zero_is_loss".into(), fc.zero_is_loss.into());
+    m.insert("max_gap_s".into(), serde_json::json!(fc.max_gap_s));
+    m
 }
 
 /// Score and per-signal flags of one scored sample.

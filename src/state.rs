@@ -4,9 +4,9 @@
 //! A compact binary file, little-endian:
 //!
 //! ```text
-//! magic "FADSTATE" | version u32 | feature fingerprint [32] | max_lag u32 | clock f64 | count u64
+//! magic "FADSTATE" | version u32 | feature fingerprint [32] | warm-up u32 | clock f64 | count u64
 //! count x ( group len u32, group | sequence len u32, sequence | used_at f64
-//!           | last_time f64 (NaN = none) | samples u32 | samples x (bpm f64, uterus f64) )
+//!           | last_time f64 (NaN = none) | head u32 | len u32 | values u32 | values x f64 )
 //! SHA-256 of everything before it [32]
 //! ```
 //!
@@ -16,7 +16,7 @@
 //! `kill -9`) sees the old file or the new one, never half of one.
 
 use crate::engine::{Engine, SavedSeries};
-use crate::features::{FeatureConfig, Series};
+use crate::features::FeatureConfig;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -24,7 +24,10 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"FADSTATE";
-const VERSION: u32 = 1;
+/// 2: raw series state (window ring or filter state); 1 held window samples only.
+const VERSION: u32 = 2;
+/// Longest state vector accepted when reading.
+const MAX_VALUES: u32 = 1 << 17;
 /// Longest group or sequence id accepted when reading (the stream rejects longer ones).
 const MAX_ID: u32 = 1 << 16;
 
@@ -121,7 +124,7 @@ fn write_body<W: Write>(engine: &Engine, w: &mut W) -> io::Result<()> {
     w.write_all(MAGIC)?;
     w.write_all(&VERSION.to_le_bytes())?;
     w.write_all(&fingerprint(fc))?;
-    w.write_all(&(fc.max_lag() as u32).to_le_bytes())?;
+    w.write_all(&(fc.warmup() as u32).to_le_bytes())?;
     w.write_all(&engine.clock().to_le_bytes())?;
     w.write_all(&(engine.series_count() as u64).to_le_bytes())?;
     for s in engine.saved_series() {
@@ -131,10 +134,12 @@ fn write_body<W: Write>(engine: &Engine, w: &mut W) -> io::Result<()> {
         }
         w.write_all(&s.used_at.to_le_bytes())?;
         w.write_all(&s.series.last_time().unwrap_or(f64::NAN).to_le_bytes())?;
-        w.write_all(&(s.series.window_len() as u32).to_le_bytes())?;
-        for (b, u) in s.series.samples() {
-            w.write_all(&b.to_le_bytes())?;
-            w.write_all(&u.to_le_bytes())?;
+        let (values, head, len) = s.series.raw();
+        for n in [head, len, values.len() as u32] {
+            w.write_all(&n.to_le_bytes())?;
+        }
+        for v in values {
+            w.write_all(&v.to_le_bytes())?;
         }
     }
     Ok(())
@@ -187,7 +192,7 @@ pub fn load(engine: &mut Engine, path: &Path) -> Result<Restored> {
 
 fn read_body<R: Read>(engine: &mut Engine, r: &mut HashingReader<R>) -> Result<Restored> {
     let fc = engine.model().features.clone();
-    let max_lag = fc.max_lag();
+    let warmup = fc.warmup();
     if &r.exact::<8>()? != MAGIC {
         bail!("it is not a fad state file (bad magic bytes)");
     }
@@ -198,13 +203,12 @@ fn read_body<R: Read>(engine: &mut Engine, r: &mut HashingReader<R>) -> Result<R
     if r.exact::<32>()? != fingerprint(&fc) {
         bail!("it was written for a model with other feature settings (lags, windows or limits)");
     }
-    let saved_lag = r.u32()?;
-    if saved_lag as usize != max_lag {
-        bail!("its windows hold {saved_lag} samples, the model needs {max_lag}");
+    let saved_warmup = r.u32()?;
+    if saved_warmup as usize != warmup {
+        bail!("its series warm up over {saved_warmup} samples, the model's over {warmup}");
     }
     let clock = r.f64()?;
     let count = r.u64()?;
-    let mut samples = Vec::with_capacity(max_lag);
     for n in 0..count {
         let mut ids = [String::new(), String::new()];
         for id in ids.iter_mut() {
@@ -217,16 +221,14 @@ fn read_body<R: Read>(engine: &mut Engine, r: &mut HashingReader<R>) -> Result<R
         }
         let used_at = r.f64()?;
         let last = r.f64()?;
-        let k = r.u32()? as usize;
-        if k > max_lag {
-            bail!("series {n}: {k} samples in a window of {max_lag} (corrupt)");
+        let (head, len, k) = (r.u32()?, r.u32()?, r.u32()?);
+        if k > MAX_VALUES {
+            bail!("series {n}: a state of {k} values (corrupt)");
         }
-        samples.clear();
-        for _ in 0..k {
-            samples.push((r.f64()?, r.f64()?));
-        }
-        let series = Series::from_samples(max_lag, &samples, (!last.is_nan()).then_some(last))
-            .expect("sample count checked above");
+        let values = (0..k).map(|_| r.f64()).collect::<io::Result<Vec<f64>>>()?;
+        let series = fc
+            .series_from_raw(values, head, len, (!last.is_nan()).then_some(last))
+            .ok_or_else(|| anyhow::anyhow!("series {n}: its state does not fit the model's features (corrupt)"))?;
         let [group_id, sequence_id] = ids;
         engine.restore(SavedSeries { group_id, sequence_id, used_at, series }, clock);
     }

@@ -40,6 +40,15 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+fn meta_of(model: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(model.join("meta.json")).unwrap()).unwrap()
+}
+
+/// Valid samples a series of the fixture's model needs before its first score.
+fn warmup() -> usize {
+    meta_of(&fixture().model)["max_lag"].as_u64().unwrap() as usize
+}
+
 fn csv_rows(text: &str) -> Vec<Vec<String>> {
     text.lines().map(|l| l.split(',').map(str::to_owned).collect()).collect()
 }
@@ -152,9 +161,12 @@ fn train_writes_artifacts_and_refuses_a_non_empty_dir() {
     for name in ["meta.json", "forest.json", "forest_bpm.json", "forest_uterus.json"] {
         assert!(f.model.join(name).is_file(), "{name} missing");
     }
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(f.model.join("meta.json")).unwrap()).unwrap();
-    assert_eq!(meta["feature_cols"].as_array().unwrap().len(), 24);
-    assert_eq!(meta["max_lag"], 24);
+    let meta = meta_of(&f.model);
+    let cols = meta["feature_cols"].as_array().unwrap();
+    assert!(cols.len() >= 2, "{cols:?}");
+    assert!(cols.iter().any(|c| c.as_str().unwrap().starts_with("bpm_")));
+    assert!(cols.iter().any(|c| c.as_str().unwrap().starts_with("uterus_")));
+    assert!(meta["max_lag"].as_u64().unwrap() >= 1);
     // ROC AUC needs both classes among the validation groups; with one it is null.
     let val = &meta["report"]["validation"];
     let auc = val.get("roc_auc_sequences").expect("the report always has the AUC key");
@@ -251,11 +263,12 @@ fn score_rows_equal_stream_detections() {
 #[test]
 fn warm_up_counts_down_then_scores() {
     let f = fixture();
-    // 30 samples of one series at 4 Hz with no gap, real values from the sample
+    // warm-up + 6 samples of one series at 4 Hz with no gap, real values from the sample
+    let w = warmup();
     let merged = std::fs::read_to_string(&f.merged).unwrap();
     let feed: String = feed_of(&merged)
         .lines()
-        .take(30)
+        .take(w + 6)
         .enumerate()
         .map(|(i, l)| {
             let f: Vec<&str> = l.split(',').collect();
@@ -264,11 +277,36 @@ fn warm_up_counts_down_then_scores() {
         .collect();
     let replies = stdout_of(fad().arg("stream").arg("--model").arg(&f.model).write_stdin(feed));
     let replies: Vec<&str> = replies.lines().collect();
-    for (i, r) in replies.iter().take(23).enumerate() {
-        assert_eq!(*r, format!("ready:false,detection:,needed:{}", 23 - i));
+    for (i, r) in replies.iter().take(w - 1).enumerate() {
+        assert_eq!(*r, format!("ready:false,detection:,needed:{}", w - 1 - i));
     }
-    assert!(replies[23].starts_with("ready:true,detection:"), "{}", replies[23]);
-    assert!(replies[23].ends_with(",needed:0"));
+    assert!(replies[w - 1].starts_with("ready:true,detection:"), "{}", replies[w - 1]);
+    assert!(replies[w - 1].ends_with(",needed:0"));
+}
+
+#[test]
+fn window_features_are_the_specs_24_columns_with_a_warm_up_of_24() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("w");
+    fad()
+        .args(["train", "--features", "window", "--n-estimators", "10", "--out-dir"])
+        .arg(&model)
+        .arg(&f.merged)
+        .assert()
+        .success();
+    let meta = meta_of(&model);
+    let cols: Vec<&str> = meta["feature_cols"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(cols.len(), 24);
+    assert_eq!(&cols[..3], ["bpm_lag_1", "uterus_lag_1", "bpm_lag_2"]);
+    assert_eq!(cols[23], "uterus_rollstd_12");
+    assert_eq!(meta["max_lag"], 24);
+    let feed: String = (0..24).map(|i| format!("{},{},10,g,s\n", i as f64 * 0.25, 140 + i % 3)).collect();
+    let replies = stdout_of(fad().arg("stream").arg("--model").arg(&model).write_stdin(feed));
+    let replies: Vec<&str> = replies.lines().collect();
+    assert_eq!(replies[0], "ready:false,detection:,needed:23");
+    assert_eq!(replies[22], "ready:false,detection:,needed:1");
+    assert!(replies[23].starts_with("ready:true,detection:5.75,g,s,142,10,"), "{}", replies[23]);
 }
 
 #[test]
@@ -276,19 +314,18 @@ fn a_malformed_line_gets_an_error_and_the_next_is_answered() {
     let f = fixture();
     let feed =
         "0,140,10,g,s\n0.25,abc,10,g,s\nnot,a,line\n0.5,141,11,g,s\n0.75,0,11,g,s\n1970-01-01T00:00:01Z,142,12,g,s\n";
+    let w = warmup();
     let replies = stdout_of(fad().arg("stream").arg("--model").arg(&f.model).write_stdin(feed));
     let replies: Vec<&str> = replies.lines().collect();
-    assert_eq!(
-        replies,
-        [
-            "ready:false,detection:,needed:23",
-            "ready:false,detection:,needed:23,error:bad_bpm",
-            "ready:false,detection:,needed:24,error:wrong_field_count",
-            "ready:false,detection:,needed:22",
-            "ready:false,detection:,needed:22,error:bpm_signal_loss",
-            "ready:false,detection:,needed:21",
-        ]
-    );
+    let want = [
+        format!("ready:false,detection:,needed:{}", w - 1),
+        format!("ready:false,detection:,needed:{},error:bad_bpm", w - 1),
+        format!("ready:false,detection:,needed:{w},error:wrong_field_count"),
+        format!("ready:false,detection:,needed:{}", w - 2),
+        format!("ready:false,detection:,needed:{},error:bpm_signal_loss", w - 2),
+        format!("ready:false,detection:,needed:{}", w - 3),
+    ];
+    assert_eq!(replies, want);
 }
 
 #[test]
@@ -304,7 +341,8 @@ fn stream_answers_while_stdin_stays_open() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    for (i, want) in ["needed:23", "needed:22"].iter().enumerate() {
+    let w = warmup();
+    for (i, want) in [format!("needed:{}", w - 1), format!("needed:{}", w - 2)].iter().enumerate() {
         writeln!(stdin, "{i},140,10,g,s").unwrap();
         stdin.flush().unwrap();
         let mut reply = String::new();

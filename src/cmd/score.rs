@@ -31,7 +31,12 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let input = table::open(&args.input, args.join)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    writeln!(out, "{SCORE_HEADER}")?;
+    if args.with_features {
+        writeln!(out, "{SCORE_HEADER},{}", model.features.feature_cols().join(","))?;
+    } else {
+        writeln!(out, "{SCORE_HEADER}")?;
+    }
+    let opts = Output { all: args.all, features: args.with_features.then(|| model.n_features()) };
     let mut engine = Engine::new(model);
     let mut batch = Batch { text: Vec::new(), rows: Vec::new() };
     let mut detections = Vec::new();
@@ -41,7 +46,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             Ok(r) => {
                 push_row(&mut engine, &mut batch, &r);
                 if batch.rows.len() >= BATCH_ROWS {
-                    flush_batch(&mut engine, &mut batch, &mut detections, args.all, &mut out)?;
+                    flush_batch(&mut engine, &mut batch, &mut detections, opts, &mut out)?;
                 }
             }
             Err(e) => {
@@ -53,7 +58,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    flush_batch(&mut engine, &mut batch, &mut detections, args.all, &mut out)?;
+    flush_batch(&mut engine, &mut batch, &mut detections, opts, &mut out)?;
     out.flush()?;
     if bad_rows > 0 {
         bail!(
@@ -76,24 +81,43 @@ fn push_row(engine: &mut Engine, batch: &mut Batch, r: &TableRow) {
     batch.rows.push((start, batch.text.len(), offer));
 }
 
+/// What goes into the output besides the scored rows.
+#[derive(Clone, Copy)]
+struct Output {
+    all: bool,
+    /// Feature row width, when the features are written too.
+    features: Option<usize>,
+}
+
 fn flush_batch(
     engine: &mut Engine,
     batch: &mut Batch,
     detections: &mut Vec<Detection>,
-    all: bool,
+    opts: Output,
     out: &mut impl Write,
 ) -> Result<()> {
+    let features = opts.features.map(|w| (w, engine.pending_rows().to_vec()));
     engine.score_pending_parallel(detections);
     for &(s, e, offer) in &batch.rows {
         match offer {
             Offer::Pending(i) => {
                 let d = &detections[i];
                 out.write_all(&batch.text[s..e])?;
-                writeln!(out, ",{},{},{}", d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score)?;
+                write!(out, ",{},{},{}", d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score)?;
+                if let Some((w, rows)) = &features {
+                    for v in &rows[i * w..(i + 1) * w] {
+                        write!(out, ",{v}")?;
+                    }
+                }
+                out.write_all(b"\n")?;
             }
-            _ if all => {
+            _ if opts.all => {
                 out.write_all(&batch.text[s..e])?;
-                out.write_all(b",,,\n")?;
+                out.write_all(b",,,")?;
+                if let Some((w, _)) = features {
+                    out.write_all(&b",".repeat(w))?;
+                }
+                out.write_all(b"\n")?;
             }
             _ => {}
         }

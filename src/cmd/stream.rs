@@ -308,13 +308,13 @@ impl<W: Write> Stream<W> {
     /// one batch, and writes one reply per line, in order.
     fn answer_lines(&mut self) -> io::Result<()> {
         self.replies.clear();
-        let max_lag = self.engine.model().features.max_lag();
+        let warmup = self.engine.model().features.warmup();
         for line in &self.lines {
             self.tally.lines += 1;
             let r = match line {
                 LineRef::Text(r) => r,
                 LineRef::TooLong => {
-                    self.replies.push(Reply::NotReady { needed: max_lag, error: Some("line_too_long") });
+                    self.replies.push(Reply::NotReady { needed: warmup, error: Some("line_too_long") });
                     continue;
                 }
             };
@@ -324,10 +324,10 @@ impl<W: Write> Stream<W> {
                     Offer::Rejected { reason, needed } => Reply::NotReady { needed, error: Some(reason.as_str()) },
                     Offer::Pending(batch_index) => Reply::Scored { line: r.clone(), batch_index },
                 },
-                Parsed::Header => Reply::NotReady { needed: max_lag, error: None },
-                Parsed::Blank => Reply::NotReady { needed: max_lag, error: Some("empty_line") },
+                Parsed::Header => Reply::NotReady { needed: warmup, error: None },
+                Parsed::Blank => Reply::NotReady { needed: warmup, error: Some("empty_line") },
                 Parsed::Bad { reason, key } => {
-                    let needed = key.map_or(max_lag, |(g, s)| self.engine.needed(g, s));
+                    let needed = key.map_or(warmup, |(g, s)| self.engine.needed(g, s));
                     Reply::NotReady { needed, error: Some(reason) }
                 }
             };

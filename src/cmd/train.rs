@@ -1,11 +1,12 @@
 //! `fad train`: features -> group split -> isolation forests -> artifacts + report
 //! (SPEC sections 3-4).
 
+use crate::cli::FeatureSet;
 use crate::cli::TrainArgs;
 use crate::features::{FeatureConfig, Pushed, Series};
 use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, percentile};
 use crate::forest::ForestSpec;
-use crate::model::{Meta, Role, write_artifacts};
+use crate::model::{Meta, Role, feature_config_from, feature_config_json, write_artifacts};
 use crate::table;
 use anyhow::{Result, bail};
 use rand::SeedableRng;
@@ -61,7 +62,7 @@ pub fn build_dataset(input: impl std::io::Read, name: &str, fc: &FeatureConfig) 
                 sequence_id: r.sequence_id.to_owned(),
                 target: r.target.map(str::to_owned),
             });
-            (Series::new(fc.max_lag()), (ds.series.len() - 1) as u32)
+            (fc.new_series(), (ds.series.len() - 1) as u32)
         });
         match fc.push(series, r.time, r.bpm, r.uterus, &mut row) {
             Pushed::Ready => {
@@ -207,7 +208,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&args.val_size) {
         bail!(crate::UsageError(format!("--val-size must be in [0, 1), got {}", args.val_size)));
     }
-    let fc = FeatureConfig::default();
+    if !(args.flag_rate > 0.0 && args.flag_rate <= 0.5) {
+        bail!(crate::UsageError(format!("--flag-rate must be in (0, 0.5], got {}", args.flag_rate)));
+    }
+    let fc = feature_settings(&args)?;
     let t0 = Instant::now();
     let name = table::input_name(&input);
     let ds = build_dataset(table::open(&input, args.join)?, &name, &fc)?;
@@ -216,12 +220,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!(
             "{name}: no scorable rows ({} rows read; every series needs {} valid samples in a row)",
             ds.rows_read,
-            fc.max_lag()
+            fc.warmup()
         );
     }
     let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, args.val_size, args.random_state);
-    let (train_idx, val_idx): (Vec<usize>, Vec<usize>) =
-        (0..ds.n_rows()).partition(|&r| !is_val[ds.row_series[r] as usize]);
+    if let Some(class) = &args.train_class
+        && !ds.series.iter().any(|s| s.target.as_deref() == Some(class.as_str()))
+    {
+        bail!(crate::UsageError(format!("--train-class {class}: no sequence of {name} has that target")));
+    }
+    let fits_class = |s: &SeriesInfo| args.train_class.as_ref().is_none_or(|c| s.target.as_deref() == Some(c));
+    let val_idx: Vec<usize> = (0..ds.n_rows()).filter(|&r| is_val[ds.row_series[r] as usize]).collect();
+    let train_idx: Vec<usize> = (0..ds.n_rows())
+        .filter(|&r| {
+            let s = ds.row_series[r] as usize;
+            !is_val[s] && fits_class(&ds.series[s])
+        })
+        .collect();
     if train_idx.is_empty() {
         bail!("{name}: the training groups have no scorable rows");
     }
@@ -237,8 +252,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let all: Vec<u32> = (0..w as u32).collect();
     let t1 = Instant::now();
     let (joint, joint_train) = fit(&rows, &all, &params, 0);
-    let (bpm, bpm_train) = fit(&rows, &signal_cols("bpm_"), &params, 1);
-    let (uterus, uterus_train) = fit(&rows, &signal_cols("uterus_"), &params, 2);
+    let signal_params = FitParams { contamination: Contamination::Fraction(args.flag_rate), ..params.clone() };
+    let (bpm, bpm_train) = fit(&rows, &signal_cols("bpm_"), &signal_params, 1);
+    let (uterus, uterus_train) = fit(&rows, &signal_cols("uterus_"), &signal_params, 2);
     let t_fit = t1.elapsed();
 
     let forests: [&ForestSpec; 3] = [&joint, &bpm, &uterus];
@@ -269,21 +285,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!("fad train: {}", fmt_side("train", &train_report));
     eprintln!("fad train: {}", fmt_side("validation", &val_report));
 
-    let config = json!({
+    let mut config = json!({
         "time_col": "timestamp", "group_col": "group_id", "seq_col": "sequence_id",
         "target_cols": ["bpm", "uterus"],
-        "lags": fc.lags, "roll_windows": fc.roll_windows,
-        "bpm_valid_range": fc.bpm_valid_range, "uterus_valid_min": fc.uterus_valid_min, "max_gap_s": fc.max_gap_s,
         "val_size": args.val_size, "random_state": args.random_state,
         "n_estimators": args.n_estimators, "max_samples": args.max_samples, "contamination": args.contamination,
         "max_features": args.max_features, "n_jobs": args.n_jobs, "join": format!("{:?}", args.join).to_lowercase(),
-        "per_signal_forests": true,
+        "per_signal_forests": true, "flag_rate": args.flag_rate, "train_class": args.train_class,
     });
+    config.as_object_mut().expect("an object").extend(feature_config_json(&fc));
     let meta = Meta {
         fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         config,
         feature_cols: cols.clone(),
-        max_lag: Some(fc.max_lag()),
+        max_lag: Some(fc.warmup()),
         model_files: vec![],
         report: Some(json!({
             "rows_read": ds.rows_read,
@@ -302,6 +317,42 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     eprintln!("fad train: wrote {} ({:.2}s in all)", args.out_dir.display(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The feature settings of `--features`, with `--feature-config` laid over them.
+fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
+    let base = match args.features {
+        FeatureSet::Filters => FeatureConfig::default(),
+        FeatureSet::Window => FeatureConfig::window_default(),
+    };
+    let Some(path) = &args.feature_config else { return Ok(base) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read --feature-config {}: {e}", path.display()))?;
+    let overlay: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--feature-config {} is not valid JSON: {e}", path.display()))?;
+    if !overlay.is_object() {
+        bail!(crate::UsageError(format!("--feature-config {} must hold a JSON object", path.display())));
+    }
+    let mut merged = Value::Object(feature_config_json(&base));
+    merge_json(&mut merged, overlay);
+    feature_config_from(&merged).map_err(|e| anyhow::anyhow!("--feature-config {}: {e:#}", path.display()))
+}
+
+/// Lays `top` over `base`, object by object.
+fn merge_json(base: &mut Value, top: Value) {
+    match (base, top) {
+        (Value::Object(b), Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge_json(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, t) => *b = t,
+    }
 }
 
 #[cfg(test)]

@@ -39,10 +39,13 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// Trains a small model on data/sample/lct2025 into `dir` (with a seed, so two calls with
-/// different seeds give two different forests computing the same features).
+/// different seeds give two different forests computing the same features). It uses the
+/// SPEC's window features, whose warm-up of 24 samples these tests count on.
 pub fn train(dir: &Path, seed: u64) {
     let out = fad()
-        .args(["train", "--n-estimators", "15", "--force", "--random-state", &seed.to_string(), "--out-dir"])
+        .args(["train", "--features", "window", "--n-estimators", "15", "--force", "--random-state"])
+        .arg(seed.to_string())
+        .arg("--out-dir")
         .arg(dir)
         .arg(repo().join("data/sample/lct2025"))
         .output()
