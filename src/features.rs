@@ -79,6 +79,12 @@ pub struct FilterParams {
     pub flat_cap_s: f64,
     /// Valid samples before the first score.
     pub warmup: usize,
+    /// After a pause longer than this (lost signal), the short-term state (level,
+    /// reference, jump) restarts at the new sample: nothing says how the signal got from
+    /// the old value to the new one, and monitors re-acquire at a different level often.
+    /// The long-term state (baseline, spread, burden) carries on, decayed by the pause.
+    #[serde(default)]
+    pub settle_gap_s: Option<f64>,
 }
 
 /// One filter feature (see [`FilterParams`]).
@@ -149,6 +155,7 @@ impl Default for FilterParams {
             sd_floor: 0.5,
             flat_cap_s: 600.0,
             warmup: 40,
+            settle_gap_s: Some(1.0),
         }
     }
 }
@@ -361,6 +368,9 @@ impl FeatureConfig {
                 if limits.clone().any(|&c| !(c > 0.0)) || !(p.sd_floor > 0.0) {
                     return Err("baseline limits and sd_floor must be positive".into());
                 }
+                if p.settle_gap_s.is_some_and(|g| !(g > 0.0)) {
+                    return Err("settle_gap_s must be positive seconds".into());
+                }
                 if !(p.flat_cap_s >= 0.0 && p.flat_cap_s.is_finite()) || p.warmup == 0 || p.warmup > 1 << 20 {
                     return Err("flat_cap_s must be finite and warmup between 1 and 2^20".into());
                 }
@@ -509,11 +519,19 @@ fn filter_update(
     let sd_before = s[VAR].max(0.0).sqrt();
     if let Some(dt) = dt {
         let decay = |tau: f64| (-dt / tau).exp();
-        jump = x - s[LEVEL];
-        let residual = x - s[REFERENCE];
-        ew_add(s, VAR, residual * residual, decay(p.sd_s), 1.0);
-        ew_add(s, LEVEL, x, decay(p.level_s), 1.0);
-        ew_add(s, REFERENCE, x, decay(p.reference_s), 1.0);
+        if p.settle_gap_s.is_some_and(|g| dt > g) {
+            for at in [LEVEL, REFERENCE] {
+                s[at] = x;
+                s[at + 1] = 1.0;
+            }
+            ew_add(s, VAR, 0.0, decay(p.sd_s), 0.0);
+        } else {
+            jump = x - s[LEVEL];
+            let residual = x - s[REFERENCE];
+            ew_add(s, VAR, residual * residual, decay(p.sd_s), 1.0);
+            ew_add(s, LEVEL, x, decay(p.level_s), 1.0);
+            ew_add(s, REFERENCE, x, decay(p.reference_s), 1.0);
+        }
         let level = s[LEVEL];
         let off = level - s[BASELINE];
         let limit = if off < 0.0 { limits[0] } else { limits[1] };
@@ -788,6 +806,22 @@ mod tests {
         assert_eq!(get(&c, &row, "uterus_flat"), 600.0);
         assert!(get(&c, &row, "uterus_sd") < 0.01, "uterus sd after 15 minutes frozen");
         assert!(get(&c, &row, "uterus_sd_ratio") < 0.01);
+    }
+
+    #[test]
+    fn after_lost_signal_the_short_term_state_settles_on_the_new_value() {
+        let c = all_filters(1);
+        let before = (0..400).map(|i| (i as f64 * 0.25, 140.0 + (i % 2) as f64, 10.0));
+        // 5 s of lost signal (more than settle_gap_s, less than max_gap_s), back at 100 bpm
+        let row = run(&c, before.clone().chain([(104.75, 100.0, 10.0)]));
+        let f = |n: &str| get(&c, &row, n);
+        assert_eq!(f("bpm_jump"), 0.0, "no jump is measured across a pause");
+        assert_eq!(f("bpm_level"), 100.0, "the level restarts at the new value");
+        assert!((f("bpm_baseline") - 140.5).abs() < 1.0, "the baseline remembers: {}", f("bpm_baseline"));
+        assert!(f("bpm_dev") < -35.0, "so the drop still shows against it: {}", f("bpm_dev"));
+        // the same drop without a pause is a jump
+        let row = run(&c, before.chain([(100.0, 100.0, 10.0)]));
+        assert!(get(&c, &row, "bpm_jump") < -35.0);
     }
 
     #[test]
