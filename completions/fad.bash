@@ -203,7 +203,7 @@ _fad() {
             return 0
             ;;
         fad__subcmd__stream)
-            opts="-h --model --format --input --state --state-reset --checkpoint-every --max-series --idle-timeout --help"
+            opts="-h --model --format --input --state --state-reset --checkpoint-every --max-series --idle-timeout --horizon --forecaster --forecast-history --forecaster-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -234,6 +234,22 @@ _fad() {
                     return 0
                     ;;
                 --idle-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --horizon)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --forecaster)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --forecast-history)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --forecaster-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -71,6 +71,10 @@ complete -c fad -n "__fish_fad_using_subcommand stream" -l state -d 'Keep every 
 complete -c fad -n "__fish_fad_using_subcommand stream" -l checkpoint-every -d 'Also save the --state file every N input lines (at the next chunk boundary)' -r
 complete -c fad -n "__fish_fad_using_subcommand stream" -l max-series -d 'Keep at most N series in memory; the least recently used one is forgotten' -r
 complete -c fad -n "__fish_fad_using_subcommand stream" -l idle-timeout -d 'Forget a series that got no valid sample for SECONDS of stream time (the latest timestamp seen in the feed, not the wall clock)' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l horizon -d 'Also score K future points after each scored message: its last values held, or what --forecaster predicts. They follow `needed:0` as `forecast:` points `t/bpm/uterus/bpm_anomaly/uterus_anomaly/score`, separated by `;`' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l forecaster -d 'Co-process (run with `sh -c`) that forecasts the --horizon points: it reads one JSON line per scored message, {"group_id", "sequence_id", "k", "history": {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"bpm": [K values], "uterus": [K values]} (optionally "timestamp": [K times]; null for a value it cannot give)' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l forecast-history -d 'Valid samples of history per series sent to the --forecaster' -r
+complete -c fad -n "__fish_fad_using_subcommand stream" -l forecaster-timeout -d 'Seconds to wait for the --forecaster\'s answer; past it the co-process is stopped and every later reply says forecast_error:forecaster_timeout' -r
 complete -c fad -n "__fish_fad_using_subcommand stream" -l state-reset -d 'Start afresh when the --state file is corrupt or was written for other features'
 complete -c fad -n "__fish_fad_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "convert" -d 'Turn a folder tree of CTG recordings into one table (or a live feed)'

@@ -200,6 +200,7 @@ fad convert data/ --as feed | fad stream --model artifacts | grep ready:true\n  
 fad stream --model artifacts --format json < feed.csv | jq .detection\n  \
 fad stream --model current --state fad.state --checkpoint-every 10000\n  \
 fad stream --model artifacts --max-series 50000 --idle-timeout 3600\n  \
+fad stream --model artifacts --horizon 8 --forecaster './my_forecaster.py'\n  \
 ln -sfn artifacts_v2 current && kill -HUP \"$FAD_PID\"   # switch models between two messages\n\n\
 Signals: SIGHUP reloads the model (the old one stays if the new one is broken); SIGINT \
 and SIGTERM save --state and end. Exit status: 0 success, 1 data or I/O error, 2 usage error."
@@ -231,6 +232,26 @@ pub struct StreamArgs {
     /// timestamp seen in the feed, not the wall clock).
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
     pub idle_timeout: Option<f64>,
+    /// Also score K future points after each scored message: its last values held, or
+    /// what --forecaster predicts. They follow `needed:0` as `forecast:` points
+    /// `t/bpm/uterus/bpm_anomaly/uterus_anomaly/score`, separated by `;`.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub horizon: Option<u64>,
+    /// Co-process (run with `sh -c`) that forecasts the --horizon points: it reads one JSON
+    /// line per scored message, {"group_id", "sequence_id", "k", "history": {"timestamp",
+    /// "bpm", "uterus"}}, and answers one JSON line {"bpm": [K values], "uterus": [K
+    /// values]} (optionally "timestamp": [K times]; null for a value it cannot give).
+    #[arg(long, value_name = "CMD", requires = "horizon")]
+    pub forecaster: Option<String>,
+    /// Valid samples of history per series sent to the --forecaster.
+    #[arg(long, value_name = "N", default_value_t = 240, requires = "forecaster",
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub forecast_history: u64,
+    /// Seconds to wait for the --forecaster's answer; past it the co-process is stopped and
+    /// every later reply says forecast_error:forecaster_timeout.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "forecaster",
+          value_parser = positive_seconds)]
+    pub forecaster_timeout: f64,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {

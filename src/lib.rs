@@ -13,6 +13,7 @@ pub mod data;
 pub mod engine;
 pub mod features;
 pub mod fit;
+pub mod forecast;
 pub mod forest;
 pub mod model;
 pub mod progress;

@@ -7,6 +7,7 @@
 
 use crate::cli::{ReplyFormat, StreamArgs};
 use crate::engine::{Engine, EvictCause, Limits, NAMED_EVICTIONS, Offer, parse_timestamp, parse_value};
+use crate::forecast::{self, ForecastError, Forecaster};
 use crate::model::{Detection, Model};
 use crate::state;
 use anyhow::{Context, Result};
@@ -133,7 +134,72 @@ enum LineRef {
 /// The reply to one line before the batch is scored.
 enum Reply {
     NotReady { needed: usize, error: Option<&'static str> },
-    Scored { line: Range<usize>, batch_index: usize },
+    Scored { line: Range<usize>, batch_index: usize, forecast: Option<Forecast> },
+}
+
+/// The --horizon points of one scored message, or why there are none.
+pub type Forecast = Result<Vec<FuturePoint>, ForecastError>;
+
+/// One forecast point: (time, bpm, uterus) and its row in the scored batch (None: the
+/// point is not scorable, e.g. a value the forecaster could not give).
+#[derive(Clone, Debug)]
+pub struct FuturePoint {
+    pub point: [f64; 3],
+    pub batch_index: Option<usize>,
+}
+
+/// `--horizon`: how many future points each scored message gets, and who makes them.
+pub struct Horizon {
+    pub k: usize,
+    /// None: the last values are held.
+    pub forecaster: Option<Forecaster>,
+    /// The forecaster's failure has been told on stderr.
+    told: bool,
+}
+
+impl Horizon {
+    pub fn new(k: usize, forecaster: Option<Forecaster>) -> Horizon {
+        Horizon { k, forecaster, told: false }
+    }
+
+    /// Samples of raw history the engine must keep per series.
+    pub fn history(&self, forecaster_history: usize) -> usize {
+        if self.forecaster.is_some() { forecaster_history.max(HOLD_HISTORY) } else { HOLD_HISTORY }
+    }
+
+    /// Makes the future points of a series that was just scored and queues them in the
+    /// engine's batch; the series itself is not changed.
+    fn points(&mut self, engine: &mut Engine, group_id: &str, sequence_id: &str) -> Forecast {
+        let history: Vec<[f64; 3]> =
+            engine.history(group_id, sequence_id).map(|h| h.iter().copied().collect()).unwrap_or_default();
+        let Some(&newest) = history.last() else { return Ok(Vec::new()) };
+        let step = sampling_interval(&history);
+        let points = match &mut self.forecaster {
+            None => forecast::hold(newest, step, self.k),
+            Some(f) => {
+                let asked = f.ask(group_id, sequence_id, self.k, &history, step);
+                if let Err(e) = &asked
+                    && !std::mem::replace(&mut self.told, true)
+                {
+                    note(&format!("fad stream: {}", e.detail()));
+                }
+                asked?
+            }
+        };
+        let rows = engine.forecast(group_id, sequence_id, &points);
+        Ok(points.into_iter().zip(rows).map(|(point, batch_index)| FuturePoint { point, batch_index }).collect())
+    }
+}
+
+/// Samples kept per series for holding the last values: enough to see the sampling rate.
+const HOLD_HISTORY: usize = 8;
+
+/// The series' sampling interval: the shortest step among its last samples (a pause for
+/// lost signal is not the rate), 1 s when there is only one sample.
+fn sampling_interval(history: &[[f64; 3]]) -> f64 {
+    let tail = &history[history.len().saturating_sub(HOLD_HISTORY)..];
+    let step = tail.windows(2).map(|w| w[1][0] - w[0][0]).filter(|d| *d > 0.0).fold(f64::INFINITY, f64::min);
+    if step.is_finite() { step } else { 1.0 }
 }
 
 /// Writes replies in the text or JSON format.
@@ -159,24 +225,93 @@ impl<W: Write> ReplyWriter<W> {
     }
 
     pub fn scored(&mut self, m: &Message, d: &Detection) -> io::Result<()> {
+        self.scored_with(m, d, None, &[])
+    }
+
+    /// A scored reply, with the --horizon points when there are any (`detections` holds
+    /// the batch their indices point into).
+    pub fn scored_with(
+        &mut self,
+        m: &Message,
+        d: &Detection,
+        forecast: Option<&Forecast>,
+        detections: &[Detection],
+    ) -> io::Result<()> {
         let (b, u) = (d.bpm_anomaly as u8, d.uterus_anomaly as u8);
         match self.format {
-            ReplyFormat::Text => writeln!(
+            ReplyFormat::Text => write!(
                 self.out,
                 "ready:true,detection:{},{},{},{},{},{b},{u},{},needed:0",
                 m.timestamp, m.group_id, m.sequence_id, m.bpm_text, m.uterus_text, d.score
-            ),
-            ReplyFormat::Json => writeln!(
+            )?,
+            ReplyFormat::Json => write!(
                 self.out,
-                r#"{{"ready":true,"detection":{{"timestamp":{},"group_id":{},"sequence_id":{},"bpm":{},"uterus":{},"bpm_anomaly":{b},"uterus_anomaly":{u},"anomaly_score":{}}},"needed":0}}"#,
+                r#"{{"ready":true,"detection":{{"timestamp":{},"group_id":{},"sequence_id":{},"bpm":{},"uterus":{},"bpm_anomaly":{b},"uterus_anomaly":{u},"anomaly_score":{}}},"needed":0"#,
                 json_str(m.timestamp),
                 json_str(m.group_id),
                 json_str(m.sequence_id),
                 m.bpm,
                 m.uterus,
                 d.score
-            ),
+            )?,
         }
+        match forecast {
+            None => {}
+            Some(Err(e)) => match self.format {
+                ReplyFormat::Text => write!(self.out, ",forecast_error:{}", e.as_str())?,
+                ReplyFormat::Json => write!(self.out, r#","forecast_error":{}"#, json_str(e.as_str()))?,
+            },
+            Some(Ok(points)) => self.forecast(points, detections)?,
+        }
+        match self.format {
+            ReplyFormat::Text => writeln!(self.out),
+            ReplyFormat::Json => writeln!(self.out, "}}"),
+        }
+    }
+
+    fn forecast(&mut self, points: &[FuturePoint], detections: &[Detection]) -> io::Result<()> {
+        let json_num = |v: f64| if v.is_finite() { v.to_string() } else { "null".into() };
+        match self.format {
+            ReplyFormat::Text => write!(self.out, ",forecast:")?,
+            ReplyFormat::Json => write!(self.out, r#","forecast":["#)?,
+        }
+        for (i, p) in points.iter().enumerate() {
+            let [t, bpm, uterus] = p.point;
+            let d = p.batch_index.map(|i| detections[i]);
+            match self.format {
+                ReplyFormat::Text => {
+                    let sep = if i == 0 { "" } else { ";" };
+                    match d {
+                        Some(d) => write!(
+                            self.out,
+                            "{sep}{t}/{bpm}/{uterus}/{}/{}/{}",
+                            d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score
+                        )?,
+                        None => write!(self.out, "{sep}{t}/{bpm}/{uterus}///")?,
+                    }
+                }
+                ReplyFormat::Json => {
+                    let sep = if i == 0 { "" } else { "," };
+                    let (b, u, s) = match d {
+                        Some(d) => {
+                            ((d.bpm_anomaly as u8).to_string(), (d.uterus_anomaly as u8).to_string(), json_num(d.score))
+                        }
+                        None => ("null".into(), "null".into(), "null".into()),
+                    };
+                    write!(
+                        self.out,
+                        r#"{sep}{{"timestamp":{},"bpm":{},"uterus":{},"bpm_anomaly":{b},"uterus_anomaly":{u},"anomaly_score":{s}}}"#,
+                        json_num(t),
+                        json_num(bpm),
+                        json_num(uterus)
+                    )?;
+                }
+            }
+        }
+        if self.format == ReplyFormat::Json {
+            write!(self.out, "]")?;
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +363,7 @@ pub struct Stream<W: Write> {
     detections: Vec<Detection>,
     /// Bytes of an over-long line are dropped as they come; the line is answered at its end.
     skipping_long_line: bool,
+    horizon: Option<Horizon>,
 }
 
 impl<W: Write> Stream<W> {
@@ -241,7 +377,15 @@ impl<W: Write> Stream<W> {
             replies: Vec::new(),
             detections: Vec::new(),
             skipping_long_line: false,
+            horizon: None,
         }
+    }
+
+    /// Scores --horizon future points after every scored message.
+    pub fn with_horizon(mut self, horizon: Horizon, forecaster_history: usize) -> Self {
+        self.engine.keep_history(horizon.history(forecaster_history));
+        self.horizon = Some(horizon);
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -322,7 +466,11 @@ impl<W: Write> Stream<W> {
                 Parsed::Message(m) => match self.engine.offer(m.group_id, m.sequence_id, m.time, m.bpm, m.uterus) {
                     Offer::WarmingUp { needed } => Reply::NotReady { needed, error: None },
                     Offer::Rejected { reason, needed } => Reply::NotReady { needed, error: Some(reason.as_str()) },
-                    Offer::Pending(batch_index) => Reply::Scored { line: r.clone(), batch_index },
+                    Offer::Pending(batch_index) => {
+                        let forecast =
+                            self.horizon.as_mut().map(|h| h.points(&mut self.engine, m.group_id, m.sequence_id));
+                        Reply::Scored { line: r.clone(), batch_index, forecast }
+                    }
                 },
                 Parsed::Header => Reply::NotReady { needed: warmup, error: None },
                 Parsed::Blank => Reply::NotReady { needed: warmup, error: Some("empty_line") },
@@ -358,12 +506,12 @@ fn write_reply<W: Write>(
             }
             out.not_ready(*needed, *error)
         }
-        Reply::Scored { line, batch_index } => {
+        Reply::Scored { line, batch_index, forecast } => {
             tally.scored += 1;
             let Parsed::Message(m) = parse_line(&buf[line.clone()]) else {
                 unreachable!("a scored line parsed as a message a moment ago")
             };
-            out.scored(&m, &detections[*batch_index])
+            out.scored_with(&m, &detections[*batch_index], forecast.as_ref(), detections)
         }
     }
 }
@@ -600,6 +748,16 @@ pub fn run(args: StreamArgs) -> Result<()> {
         Options { model_path: args.model.clone(), state: args.state.clone(), checkpoint_every: args.checkpoint_every };
     let stdout = io::stdout();
     let mut stream = Stream::new(engine, stdout.lock(), args.format);
+    if let Some(k) = args.horizon {
+        let forecaster = match &args.forecaster {
+            Some(cmd) => Some(
+                Forecaster::start(cmd, Duration::from_secs_f64(args.forecaster_timeout))
+                    .with_context(|| format!("cannot start the forecaster {cmd:?}"))?,
+            ),
+            None => None,
+        };
+        stream = stream.with_horizon(Horizon::new(k as usize, forecaster), args.forecast_history as usize);
+    }
     let ending = drive(&mut stream, &input, &ctl, &opts);
     // Whatever ended the loop (end of input, a signal, a closed stdout), the windows are
     // saved; the replies written so far are flushed first.
