@@ -365,6 +365,25 @@ def print_report(results):
         for r in results["auc"]:
             print(f"  trained on {r['train']:<8} tested on {r['test']:<8} ({r['how']}, {r['sequences']} sequences):"
                   f" rate {r['auc_rate']:.3f}, mean score {r['auc_mean']:.3f}")
+    print_targets(results)
+
+
+def print_targets(results):
+    """The issue's targets against the figures above, pair by pair."""
+    ok = lambda b: "pass" if b else "FAIL"
+    print("\n# Targets (issue 4): every kind found on the right signal in >= 95 % of events; the other"
+          " signal raised in <= 10 %; <= 1 % of clean samples flagged per signal; AUC >= 0.75")
+    for p in results["pairs"]:
+        found = {k: v["found"] for k, v in p["kinds"].items()}
+        other = {k: v["other"] for k, v in p["kinds"].items()}
+        worst_found = min(found, key=found.get)
+        worst_other = max(other, key=other.get)
+        print(f"  {p['train']:>8} -> {p['test']:<8} found min {100 * found[worst_found]:5.1f} % ({worst_found})"
+              f" {ok(found[worst_found] >= 0.95)}; other max {100 * other[worst_other]:5.1f} % ({worst_other})"
+              f" {ok(other[worst_other] <= 0.10)}; clean flagged bpm {100 * p['fp_bpm']:.2f} %"
+              f" uterus {100 * p['fp_uterus']:.2f} % {ok(max(p['fp_bpm'], p['fp_uterus']) <= 0.01)}")
+    for r in results["auc"]:
+        print(f"  AUC {r['train']:>8} -> {r['test']:<8} {r['auc_rate']:.3f} {ok(r['auc_rate'] >= 0.75)}")
 
 
 if __name__ == "__main__":

@@ -473,3 +473,52 @@ fn train_force_replaces_the_model_and_leaves_no_temporary_directories() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, [std::ffi::OsString::from("m")]);
 }
+
+#[test]
+fn train_class_fits_on_one_class_and_still_validates_on_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (all, regular) = (dir.path().join("all"), dir.path().join("regular"));
+    let train = |out: &Path, extra: &[&str]| {
+        fad()
+            .args(["train", "--n-estimators", "10", "--force", "--out-dir"])
+            .arg(out)
+            .args(extra)
+            .arg(sample("ctu-uhb"))
+            .assert()
+            .success();
+        meta_of(out)
+    };
+    let groups = |m: &serde_json::Value| m["report"]["train"]["groups"].as_u64().unwrap();
+    // No validation: the forests see every patient (the sample has 2 of each class), or
+    // only the 2 regular ones.
+    let no_val = ["--val-size", "0"];
+    assert_eq!(groups(&train(&all, &no_val)), 4);
+    assert_eq!(groups(&train(&regular, &["--val-size", "0", "--train-class", "regular"])), 2);
+    let val = ["--val-size", "0.25"];
+    let (a, r) = (train(&all, &val), train(&regular, &["--val-size", "0.25", "--train-class", "regular"]));
+    assert_eq!(r["config"]["train_class"], "regular");
+    assert!(a["config"]["train_class"].is_null());
+    // Same split: the validation side is the same patients, every class of them.
+    for key in ["groups", "sequences", "rows"] {
+        assert_eq!(a["report"]["validation"][key], r["report"]["validation"][key], "{key}");
+    }
+    // One patient is held out; of the other three, the forests saw the regular ones only.
+    assert_eq!(groups(&a), 3);
+    assert!((1..=2).contains(&groups(&r)));
+    assert!(r["report"]["train"]["rows"].as_u64() < a["report"]["train"]["rows"].as_u64());
+    // Per-signal rates are in the report, and the defaults carry their reasons.
+    for side in ["train", "validation"] {
+        for key in ["bpm_anomaly_rate", "uterus_anomaly_rate"] {
+            assert!(r["report"][side][key].is_f64(), "{side}.{key}");
+        }
+    }
+    assert!(r["config"]["default_reasons"]["max_gap_s"].as_str().unwrap().contains("LCT 2025"));
+    let out = fad()
+        .args(["train", "--train-class", "nope", "--out-dir"])
+        .arg(dir.path().join("x"))
+        .arg(sample("ctu-uhb"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--train-class nope"));
+}

@@ -294,6 +294,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "per_signal_forests": true, "flag_rate": args.flag_rate, "train_class": args.train_class,
     });
     config.as_object_mut().expect("an object").extend(feature_config_json(&fc));
+    config["default_reasons"] = default_reasons();
     let meta = Meta {
         fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         config,
@@ -317,6 +318,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     eprintln!("fad train: wrote {} ({:.2}s in all)", args.out_dir.display(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Why fad's defaults are what they are, measured on both public sources (README,
+/// "Defaults and why"); stored in meta.json so that a model says what it assumes.
+fn default_reasons() -> Value {
+    json!({
+        "feature_set": "filters: exponentially weighted statistics with time constants in seconds, so one \
+            model reads a 4 Hz (CTU-UHB) and a 7.87 Hz (LCT 2025) monitor alike and sees minutes of context \
+            for a few numbers per series; lags counted in samples would span 6 s at one rate and 3 s at the other",
+        "max_gap_s": "60: LCT 2025 is fragmented (median unbroken stretch 1.9 s, pauses mostly under 2 s, \
+            18,394 pauses over 2 s); a 2 s limit with warm-up would leave 24 % of its valid samples unscored \
+            (CTU-UHB 7.6 %), 60 s leaves 2.2 % (0.6 %); past a minute the context is stale",
+        "settle_gap_s": "1: after lost signal monitors re-acquire at another level often; with the short-term \
+            state carried across pauses, 67 % of the flags on clean CTU-UHB samples fell within 5 s after a \
+            pause, with it restarted 29 %",
+        "bpm_valid_range": "[50, 240]: CTU-UHB keeps artefacts up to 293 bpm and LCT 2025 is clipped to 50..210",
+        "zero_is_loss": "true: CTU-UHB writes 0 for lost signal (18.6 % of heart-rate and 19.5 % of toco \
+            samples); 0 is a transducer off, not a heart rate or a uterus at rest",
+        "join": "inner: a sample needs both signals to be scored; --join outer keeps one-sided rows, which \
+            the engine then rejects as signal loss",
+        "flag_rate": "0.005 per signal: 0.2-0.6 % of clean held-out samples flagged per signal on the source \
+            a model was trained on (bench/quality)",
+    })
 }
 
 /// The feature settings of `--features`, with `--feature-config` laid over them.
