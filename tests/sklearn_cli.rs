@@ -178,3 +178,60 @@ fn bad_pickles_are_one_sentence_and_exit_1() {
     std::fs::remove_file(missing.join("model_if.pkl")).unwrap();
     assert_one_error("no pickle", &missing, "lists no model files and");
 }
+
+#[test]
+fn from_pickle_writes_native_artifacts_that_score_the_same() {
+    let pickled = fixtures().join("sklearn/1.2.2/maxfeat-0.5");
+    let native = scratch("from-pickle").join("native");
+    let out = fad().arg("train").arg("--from-pickle").arg(&pickled).arg("--out-dir").arg(&native).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(50 trees, scikit-learn 1.2.2)"));
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(native.join("meta.json")).unwrap()).unwrap();
+    let proto: serde_json::Value = serde_json::from_slice(&std::fs::read(pickled.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["config"], proto["config"], "the prototype's config, unchanged");
+    assert_eq!(meta["feature_cols"], proto["feature_cols"]);
+    let files = meta["model_files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "one joint forest, no per-signal forests");
+    assert_eq!(files[0]["role"], "joint");
+    assert!(!native.join("model_if.pkl").exists());
+
+    let table = std::fs::read(merged()).unwrap();
+    let score = |dir: &Path| {
+        let out = run(fad().arg("score").arg("--model").arg(dir), &table);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert!(score(&native) == score(&pickled), "the converted model scores exactly as the pickle");
+
+    // once more: the directory is not empty, then --force; the native one is no pickle
+    let again =
+        || fad().arg("train").arg("--from-pickle").arg(&pickled).arg("--out-dir").arg(&native).output().unwrap();
+    let out = again();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty; use --force"));
+    let out =
+        fad().args(["train", "--force", "--from-pickle"]).arg(&pickled).arg("--out-dir").arg(&native).output().unwrap();
+    assert!(out.status.success());
+    let out = fad()
+        .arg("train")
+        .arg("--from-pickle")
+        .arg(&native)
+        .arg("--out-dir")
+        .arg(native.with_extension("x"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds fad's own model"));
+    // training options make no sense with it: a usage error
+    let out = fad()
+        .args(["train", "--n-estimators", "5", "--from-pickle"])
+        .arg(&pickled)
+        .arg("--out-dir")
+        .arg(native.with_extension("y"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = fad().arg("train").arg("--from-pickle").arg(&pickled).arg("--out-dir").arg(&pickled).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(pickled.join("model_if.pkl").exists());
+}
