@@ -235,3 +235,41 @@ fn from_pickle_writes_native_artifacts_that_score_the_same() {
     assert_eq!(out.status.code(), Some(2));
     assert!(pickled.join("model_if.pkl").exists());
 }
+
+/// fad stream on the first 6,000 rows of the sample, against scikit-learn's
+/// decision_function of the same windows computed with pandas (stream-oracle.csv, made by
+/// tests/fixtures/sklearn/make_stream_oracle.py).
+#[test]
+fn stream_matches_scikit_learn_on_the_windows_of_the_sample() {
+    let table = std::fs::read_to_string(merged()).unwrap();
+    let head: String = table.lines().take(6001).map(|l| format!("{l}\n")).collect();
+    let oracle = std::fs::read_to_string(fixtures().join("sklearn/stream-oracle.csv")).unwrap();
+    let mut oracle_lines = oracle.lines();
+    let header: Vec<&str> = oracle_lines.next().unwrap().split(',').collect();
+    let rows: Vec<Vec<&str>> = oracle_lines.map(|l| l.split(',').collect()).collect();
+    for (col, name) in header.iter().enumerate().skip(3) {
+        let variant = name.strip_prefix("decision_function_").unwrap();
+        let model_dir = fixtures().join("sklearn/1.9.1").join(variant);
+        let out = run(fad().arg("stream").arg("--model").arg(&model_dir), feed_of(&head).as_bytes());
+        assert!(out.status.success());
+        let scored: std::collections::HashMap<(String, String, String), f64> = lines(&out.stdout)
+            .iter()
+            .filter_map(|l| l.strip_prefix("ready:true,detection:"))
+            .map(|d| {
+                let f: Vec<&str> = d.split(',').collect();
+                ((f[0].to_owned(), f[1].to_owned(), f[2].to_owned()), f[7].parse().unwrap())
+            })
+            .collect();
+        assert_eq!(scored.len(), rows.len(), "{variant}: the same windows are scored");
+        let mut worst = 0f64;
+        for r in &rows {
+            let key = (r[0].to_owned(), r[1].to_owned(), r[2].to_owned());
+            let fad_score = scored.get(&key).unwrap_or_else(|| panic!("{variant}: {key:?} not scored"));
+            let want: f64 = r[col].parse().unwrap();
+            worst = worst.max((fad_score - want).abs());
+            assert_eq!(*fad_score < 0.0, want < 0.0, "{variant} {key:?}: predict");
+        }
+        eprintln!("{variant}: {} windows, max |fad - scikit-learn| {worst:e}", rows.len());
+        assert!(worst <= 1e-9, "{variant}: {worst:e}");
+    }
+}
