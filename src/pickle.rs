@@ -8,9 +8,11 @@
 //! [`Obj::Instance`] that records the callee and its arguments, and `BUILD` records the
 //! state. Interpreting that tree is up to the caller ([`crate::sklearn`]).
 //!
-//! Resource use is bounded by the input: every opcode creates at most one object, lengths
-//! are checked against the bytes that remain before anything is allocated, and nothing
-//! here recurses, so random bytes end in an error, never in a panic or an out-of-memory.
+//! Resource use is bounded: every opcode creates at most one object and the values of a
+//! pickle are capped ([`MAX_VALUES`]), lengths are checked against the bytes that remain
+//! before anything is allocated, shared objects are referenced, never copied, and the only
+//! recursion (joblib's pickles inside a pickle) is at most four deep. Random bytes end in
+//! an error, never in a panic or an out-of-memory.
 
 use std::cell::Cell;
 use std::collections::HashMap;
