@@ -261,13 +261,17 @@ _fad() {
             return 0
             ;;
         fad__subcmd__train)
-            opts="-h --input-csv --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --features --feature-config --flag-rate --train-class --help"
+            opts="-h --input-csv --from-pickle --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --features --feature-config --flag-rate --train-class --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --input-csv)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --from-pickle)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -39,6 +39,7 @@ complete -c fad -n "__fish_fad_using_subcommand convert" -l realtime -d 'With --
 complete -c fad -n "__fish_fad_using_subcommand convert" -l skip-bad -d 'Skip malformed files (named on stderr) instead of stopping with an error'
 complete -c fad -n "__fish_fad_using_subcommand convert" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand train" -l input-csv -d 'The prototype\'s spelling of INPUT' -r -F
+complete -c fad -n "__fish_fad_using_subcommand train" -l from-pickle -d 'Convert the scikit-learn model in DIR (model_if.pkl + the prototype\'s meta.json) into fad\'s artifacts instead of training' -r -F
 complete -c fad -n "__fish_fad_using_subcommand train" -l out-dir -d 'Directory that receives meta.json and the forest files' -r -F
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-estimators -d 'Number of trees' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l max-samples -d 'Rows per tree: auto (= min(256, n)), a count, or a fraction in (0, 1]' -r

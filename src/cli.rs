@@ -80,17 +80,34 @@ pub struct ConvertArgs {
 patients (group ids) into training and validation sets, fits an isolation forest on the \
 training rows and writes meta.json plus the forest files into --out-dir. A validation \
 report (rows, anomaly rates, score quantiles, hypoxia-vs-regular ROC AUC) goes to stderr \
-and into meta.json.",
+and into meta.json.\n\n\
+With --from-pickle DIR it trains nothing: it converts the Python prototype's artifacts \
+(a scikit-learn IsolationForest pickled as DIR/model_if.pkl, beside the prototype's \
+meta.json) into fad's own artifacts in --out-dir, with the same trees and the same \
+scores. `fad score` and `fad stream` also read such a DIR directly; converting it once \
+means later loads need no pickle.",
     after_help = "Examples:\n  fad train merged.csv --out-dir artifacts\n  fad train data/ --out-dir artifacts --n-estimators 100 --contamination 0.01\n  \
-fad convert data/ | fad train - --out-dir artifacts --force"
+fad convert data/ | fad train - --out-dir artifacts --force\n  \
+fad train --from-pickle prototype_artifacts --out-dir artifacts   # scikit-learn model_if.pkl -> fad"
 )]
 pub struct TrainArgs {
     /// Merged CSV (from `fad convert`), a data directory, or - for stdin.
-    #[arg(value_name = "INPUT", required_unless_present = "input_csv")]
+    #[arg(value_name = "INPUT", required_unless_present_any = ["input_csv", "from_pickle"])]
     pub input: Option<PathBuf>,
     /// The prototype's spelling of INPUT.
     #[arg(long = "input-csv", alias = "input_csv", value_name = "PATH", conflicts_with = "input", hide = true)]
     pub input_csv: Option<PathBuf>,
+    /// Convert the scikit-learn model in DIR (model_if.pkl + the prototype's meta.json)
+    /// into fad's artifacts instead of training.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = [
+            "input", "input_csv", "n_estimators", "max_samples", "contamination", "max_features", "val_size",
+            "random_state", "join", "features", "feature_config", "flag_rate", "train_class",
+        ]
+    )]
+    pub from_pickle: Option<PathBuf>,
     /// Directory that receives meta.json and the forest files.
     #[arg(long, alias = "out_dir", value_name = "DIR")]
     pub out_dir: PathBuf,

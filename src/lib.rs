@@ -16,6 +16,7 @@ pub mod fit;
 pub mod forecast;
 pub mod forest;
 pub mod model;
+pub mod pickle;
 pub mod progress;
 pub mod sklearn;
 pub mod state;

@@ -6,14 +6,16 @@ use crate::cli::TrainArgs;
 use crate::features::{FeatureConfig, Pushed, Series};
 use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, percentile};
 use crate::forest::ForestSpec;
-use crate::model::{Meta, Role, feature_config_from, feature_config_json, write_artifacts};
+use crate::model::write_artifacts;
+use crate::model::{Meta, Model, PICKLE_FILE, Role, feature_config_from, feature_config_json, sha256_hex};
 use crate::table;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_pcg::Pcg64;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::Instant;
 
 /// Recordings' feature rows, with the series each row came from.
@@ -190,6 +192,9 @@ fn fmt_side(name: &str, v: &Value) -> String {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    if let Some(dir) = &args.from_pickle {
+        return convert_pickle(dir, &args.out_dir, args.force);
+    }
     let input = args.input.clone().or(args.input_csv.clone()).expect("clap requires one of them");
     if let Some(n) = args.n_jobs {
         crate::set_threads(n)?;
@@ -341,6 +346,62 @@ fn default_reasons() -> Value {
         "flag_rate": "0.005 per signal: 0.2-0.6 % of clean held-out samples flagged per signal on the source \
             a model was trained on (bench/quality)",
     })
+}
+
+/// `--from-pickle`: writes the forest of a prototype's artifacts directory (model_if.pkl
+/// plus its meta.json) as fad's own artifacts: meta.json keeps the prototype's config and
+/// feature_cols, so the features are the same, and forest.json holds the same trees.
+/// There are no per-signal forests: the flags are the joint forest's, as when the pickle
+/// is served directly.
+pub fn convert_pickle(dir: &Path, out_dir: &Path, force: bool) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(dir, out_dir) {
+        bail!(crate::UsageError(format!(
+            "--out-dir {} is the --from-pickle directory; write the converted model elsewhere",
+            out_dir.display()
+        )));
+    }
+    // Load it as `fad score` would: meta.json, features, pickle and their agreement.
+    let model = Model::load(dir)?;
+    if !model.meta.model_files.is_empty() {
+        bail!(
+            "{} already holds fad's own model (its meta.json lists forest files), not a pickle to convert",
+            dir.display()
+        );
+    }
+    let pkl = dir.join(PICKLE_FILE);
+    let bytes = std::fs::read(&pkl).with_context(|| format!("cannot read {}", pkl.display()))?;
+    let imported = crate::sklearn::import(&pkl)?;
+    let spec = &imported.spec;
+    let meta = Meta {
+        fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        config: model.meta.config.clone(),
+        feature_cols: model.meta.feature_cols.clone(),
+        max_lag: Some(model.features.warmup()),
+        model_files: vec![],
+        report: Some(json!({
+            "imported_from": {
+                "file": pkl.display().to_string(),
+                "sha256": sha256_hex(&bytes),
+                "sklearn_version": imported.sklearn_version,
+                "n_estimators": spec.trees.len(),
+                "max_samples": spec.max_samples,
+                "offset": spec.offset,
+            }
+        })),
+    };
+    write_artifacts(out_dir, meta, &[(Role::Joint, spec)], force)?;
+    eprintln!(
+        "fad train: converted {} ({} trees{}) into {}",
+        pkl.display(),
+        spec.trees.len(),
+        imported.sklearn_version.as_deref().map(|v| format!(", scikit-learn {v}")).unwrap_or_default(),
+        out_dir.display()
+    );
+    Ok(())
 }
 
 /// The feature settings of `--features`, with `--feature-config` laid over them.
