@@ -87,6 +87,9 @@ fn compression(bytes: &[u8]) -> Option<&'static str> {
         Some("bz2")
     } else if starts(b"\xfd7zXZ\x00") {
         Some("xz")
+    } else if starts(b"\x5d\x00\x00") {
+        // LZMA "alone" (joblib's compress="lzma"): properties byte 0x5d, dictionary size
+        Some("lzma")
     } else if starts(b"\x04\x22\x4d\x18") {
         Some("lz4")
     } else if starts(b"ZF") {

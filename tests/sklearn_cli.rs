@@ -121,6 +121,7 @@ fn assert_one_error(name: &str, dir: &Path, want: &str) {
         assert!(err.starts_with("fad: "), "{cmd} {name}: {err}");
         assert!(err.contains(want), "{cmd} {name}: wanted {want:?} in {err}");
         assert!(!err.contains("panicked"), "{cmd} {name}: {err}");
+        assert!(!err.contains('\u{1b}'), "{cmd} {name}: a raw terminal escape: {err:?}");
         assert!(out.stdout.is_empty(), "{cmd} {name}");
     }
 }
@@ -173,6 +174,15 @@ fn bad_pickles_are_one_sentence_and_exit_1() {
         &names,
         "model_if.pkl: the forest was fitted on columns other than those in meta.json (column 1 is uterus_rollstd_12 \
          in the model, bpm_lag_1 in meta.json)",
+    );
+    let lzma = artifacts("lzma", &pickle("lzma.pkl"), keep);
+    assert_one_error("lzma", &lzma, "model_if.pkl: is a lzma-compressed file, not a plain pickle");
+    // A column name with a newline and terminal escapes is echoed escaped, on one line.
+    let control = artifacts("control-name", &pickle("control-name.pkl"), keep);
+    assert_one_error(
+        "control characters",
+        &control,
+        "(column 1 is bpm_lag_1\\nfad: all good \\u{1b}[2J\\u{1b}[31m in the model",
     );
     let missing = artifacts("missing", b"", keep);
     std::fs::remove_file(missing.join("model_if.pkl")).unwrap();
