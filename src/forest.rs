@@ -25,6 +25,13 @@ pub fn average_path_length(n: f64) -> f64 {
     }
 }
 
+/// Path length credited for a row that ends in a leaf at `depth` (root 0) holding `n`
+/// training rows: depth + c(n), evaluated as scikit-learn evaluates it,
+/// `(nodes on the path + c(n)) - 1.0`, so that sums over trees agree to the last bit.
+pub fn sklearn_leaf_path(depth: u32, n: u64) -> f64 {
+    (depth as f64 + 1.0 + average_path_length(n as f64)) - 1.0
+}
+
 /// One tree in scikit-learn's `Tree` layout: node arrays indexed by node id, `-1`
 /// children at leaves; `feature` indexes `features` (the tree's feature subset).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,7 +210,7 @@ impl Forest {
                 } else {
                     let me = nodes.len() as u32;
                     nodes.push(Node { threshold: f32::NAN, feature: 0, left: me - 1 });
-                    leaf_value.push(depth as f64 + average_path_length(tree.n_node_samples[id] as f64));
+                    leaf_value.push(sklearn_leaf_path(depth, tree.n_node_samples[id]));
                 }
             }
             roots.push((base as u32, max_depth));

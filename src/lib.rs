@@ -15,6 +15,7 @@ pub mod features;
 pub mod fit;
 pub mod forest;
 pub mod model;
+pub mod pickle;
 pub mod progress;
 pub mod sklearn;
 pub mod state;

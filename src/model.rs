@@ -179,7 +179,7 @@ impl Model {
             if !pkl.exists() {
                 bail!("{} lists no model files and {} has no {PICKLE_FILE}", meta_path.display(), dir.display());
             }
-            joint = Some(load_pickled_forest(&pkl)?);
+            joint = Some(load_pickled_forest(&pkl, &meta.feature_cols)?);
         }
         for mf in &meta.model_files {
             let forest = load_forest_file(dir, mf)?;
@@ -224,10 +224,24 @@ fn load_forest_file(dir: &Path, mf: &ModelFile) -> Result<Forest> {
     Forest::new(&spec).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-/// Imports a pickled scikit-learn IsolationForest.
-pub fn load_pickled_forest(path: &Path) -> Result<Forest> {
-    let spec = crate::sklearn::load_forest_spec(path)?;
-    Forest::new(&spec).map_err(|e| anyhow!("{}: {e}", path.display()))
+/// Imports a pickled scikit-learn IsolationForest. A forest fitted on a DataFrame knows
+/// its column names: they must be meta.json's `feature_cols`, in that order (scikit-learn
+/// itself refuses other columns).
+pub fn load_pickled_forest(path: &Path, feature_cols: &[String]) -> Result<Forest> {
+    let imported = crate::sklearn::import(path)?;
+    if let Some(names) = &imported.feature_names
+        && names.len() == feature_cols.len()
+        && let Some(i) = names.iter().zip(feature_cols).position(|(a, b)| a != b)
+    {
+        bail!(
+            "{}: the forest was fitted on columns other than those in meta.json (column {} is {} in the model, {} in meta.json)",
+            path.display(),
+            i + 1,
+            names[i],
+            feature_cols[i]
+        );
+    }
+    Forest::new(&imported.spec).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -219,3 +219,47 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     };
     (field("VmHWM:"), field("VmRSS:"))
 }
+
+/// An oracle table of scikit-learn scores (tests/fixtures): feature rows (float32 values)
+/// and scikit-learn's score_samples, decision_function and predict of each.
+pub struct Oracle {
+    pub n_features: usize,
+    pub rows: Vec<f32>,
+    pub score_samples: Vec<f64>,
+    pub decision_function: Vec<f64>,
+    pub predict: Vec<i32>,
+}
+
+pub fn read_oracle(path: &Path) -> Oracle {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let w = header.len() - 3;
+    assert_eq!(&header[w..], ["score_samples", "decision_function", "predict"]);
+    let mut o = Oracle {
+        n_features: w,
+        rows: Vec::new(),
+        score_samples: Vec::new(),
+        decision_function: Vec::new(),
+        predict: Vec::new(),
+    };
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), w + 3, "{line}");
+        for v in &f[..w] {
+            let x: f64 = v.parse().unwrap();
+            assert_eq!(x as f32 as f64, x, "oracle features are float32 values");
+            o.rows.push(x as f32);
+        }
+        o.score_samples.push(py_number(f[w]));
+        o.decision_function.push(py_number(f[w + 1]));
+        o.predict.push(f[w + 2].parse().unwrap());
+    }
+    o
+}
+
+/// A float as Python's repr writes it; numpy 2 writes numpy scalars as `np.float64(x)`.
+pub fn py_number(text: &str) -> f64 {
+    let t = text.strip_prefix("np.float64(").and_then(|t| t.strip_suffix(')')).unwrap_or(text);
+    t.parse().unwrap_or_else(|_| panic!("{text:?} is not a number"))
+}
