@@ -15,7 +15,11 @@ const TOLERANCE: f64 = 1e-9;
 fn fixture_dirs(root: &Path) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for version in std::fs::read_dir(root).unwrap() {
-        for variant in std::fs::read_dir(version.unwrap().path()).unwrap() {
+        let version = version.unwrap().path();
+        if !version.is_dir() {
+            continue; // README.md
+        }
+        for variant in std::fs::read_dir(version).unwrap() {
             let d = variant.unwrap().path();
             if d.join("model_if.pkl").exists() {
                 dirs.push(d);

@@ -63,22 +63,41 @@ fn clean_line(mut line: &[u8]) -> &[u8] {
     line.trim_ascii()
 }
 
+/// `str::trim`, skipped when the field neither starts nor ends with a space of any kind.
+#[inline]
+fn trim_field(field: &str) -> &str {
+    match (field.as_bytes().first(), field.as_bytes().last()) {
+        (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => field,
+        _ => field.trim(),
+    }
+}
+
 /// Parses one line `timestamp,bpm,uterus,group_id,sequence_id`.
 pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     let line = clean_line(raw);
     if line.is_empty() {
         return Parsed::Blank;
     }
-    let Ok(line) = std::str::from_utf8(line) else {
-        return Parsed::Bad { reason: "not_utf8", key: None };
+    let line = if line.is_ascii() {
+        // SAFETY: ASCII is UTF-8 (the usual case, checked a word at a time).
+        unsafe { std::str::from_utf8_unchecked(line) }
+    } else {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return Parsed::Bad { reason: "not_utf8", key: None };
+        };
+        line
     };
     let mut f = [""; 5];
     let mut n = 0;
-    for part in line.split(',') {
+    let mut start = 0;
+    let bytes = line.as_bytes();
+    // Commas are ASCII, so every cut is on a char boundary.
+    for end in (0..bytes.len()).filter(|&i| bytes[i] == b',').chain([bytes.len()]) {
         if n < 5 {
-            f[n] = part.trim();
+            f[n] = trim_field(&line[start..end]);
         }
         n += 1;
+        start = end + 1;
     }
     if n != 5 {
         return Parsed::Bad { reason: "wrong_field_count", key: None };
@@ -133,7 +152,48 @@ enum LineRef {
 /// The reply to one line before the batch is scored.
 enum Reply {
     NotReady { needed: usize, error: Option<&'static str> },
-    Scored { line: Range<usize>, batch_index: usize },
+    Scored { echo: Echo, batch_index: usize },
+}
+
+/// Where the echoed fields of a scored line are in the input buffer (so the line is not
+/// parsed a second time when its reply is written), plus the parsed signal values.
+struct Echo {
+    /// timestamp, bpm, uterus, group_id, sequence_id (byte ranges in the buffer)
+    fields: [(u32, u32); 5],
+    bpm: f64,
+    uterus: f64,
+}
+
+impl Echo {
+    fn new(buf: &[u8], m: &Message) -> Echo {
+        let base = buf.as_ptr() as usize;
+        let at = |s: &str| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
+        Echo {
+            fields: [at(m.timestamp), at(m.bpm_text), at(m.uterus_text), at(m.group_id), at(m.sequence_id)],
+            bpm: m.bpm,
+            uterus: m.uterus,
+        }
+    }
+
+    /// The message again, borrowing from `buf` (the same buffer, unchanged since `new`).
+    fn message<'a>(&self, buf: &'a [u8]) -> Message<'a> {
+        let get = |(start, len): (u32, u32)| {
+            let bytes = &buf[start as usize..(start + len) as usize];
+            // SAFETY: the range was cut from a &str of this very buffer, at char
+            // boundaries, and the buffer has not changed since.
+            unsafe { std::str::from_utf8_unchecked(bytes) }
+        };
+        Message {
+            timestamp: get(self.fields[0]),
+            time: f64::NAN,
+            bpm_text: get(self.fields[1]),
+            bpm: self.bpm,
+            uterus_text: get(self.fields[2]),
+            uterus: self.uterus,
+            group_id: get(self.fields[3]),
+            sequence_id: get(self.fields[4]),
+        }
+    }
 }
 
 /// Writes replies in the text or JSON format.
@@ -161,11 +221,18 @@ impl<W: Write> ReplyWriter<W> {
     pub fn scored(&mut self, m: &Message, d: &Detection) -> io::Result<()> {
         let (b, u) = (d.bpm_anomaly as u8, d.uterus_anomaly as u8);
         match self.format {
-            ReplyFormat::Text => writeln!(
-                self.out,
-                "ready:true,detection:{},{},{},{},{},{b},{u},{},needed:0",
-                m.timestamp, m.group_id, m.sequence_id, m.bpm_text, m.uterus_text, d.score
-            ),
+            ReplyFormat::Text => {
+                // Same bytes as "ready:true,detection:{ts},{gid},{sid},{bpm},{uterus},{b},{u},{score},needed:0".
+                let o = &mut self.out;
+                o.write_all(b"ready:true,detection:")?;
+                for part in [m.timestamp, m.group_id, m.sequence_id, m.bpm_text, m.uterus_text] {
+                    o.write_all(part.as_bytes())?;
+                    o.write_all(b",")?;
+                }
+                o.write_all(&[b'0' + b, b',', b'0' + u, b','])?;
+                write!(o, "{}", d.score)?;
+                o.write_all(b",needed:0\n")
+            }
             ReplyFormat::Json => writeln!(
                 self.out,
                 r#"{{"ready":true,"detection":{{"timestamp":{},"group_id":{},"sequence_id":{},"bpm":{},"uterus":{},"bpm_anomaly":{b},"uterus_anomaly":{u},"anomaly_score":{}}},"needed":0}}"#,
@@ -322,7 +389,7 @@ impl<W: Write> Stream<W> {
                 Parsed::Message(m) => match self.engine.offer(m.group_id, m.sequence_id, m.time, m.bpm, m.uterus) {
                     Offer::WarmingUp { needed } => Reply::NotReady { needed, error: None },
                     Offer::Rejected { reason, needed } => Reply::NotReady { needed, error: Some(reason.as_str()) },
-                    Offer::Pending(batch_index) => Reply::Scored { line: r.clone(), batch_index },
+                    Offer::Pending(batch_index) => Reply::Scored { echo: Echo::new(&self.buf, &m), batch_index },
                 },
                 Parsed::Header => Reply::NotReady { needed: warmup, error: None },
                 Parsed::Blank => Reply::NotReady { needed: warmup, error: Some("empty_line") },
@@ -358,12 +425,9 @@ fn write_reply<W: Write>(
             }
             out.not_ready(*needed, *error)
         }
-        Reply::Scored { line, batch_index } => {
+        Reply::Scored { echo, batch_index } => {
             tally.scored += 1;
-            let Parsed::Message(m) = parse_line(&buf[line.clone()]) else {
-                unreachable!("a scored line parsed as a message a moment ago")
-            };
-            out.scored(&m, &detections[*batch_index])
+            out.scored(&echo.message(buf), &detections[*batch_index])
         }
     }
 }
