@@ -209,8 +209,16 @@ impl<W: Write> ReplyWriter<W> {
 
     pub fn not_ready(&mut self, needed: usize, error: Option<&str>) -> io::Result<()> {
         match (self.format, error) {
-            (ReplyFormat::Text, None) => writeln!(self.out, "ready:false,detection:,needed:{needed}"),
-            (ReplyFormat::Text, Some(e)) => writeln!(self.out, "ready:false,detection:,needed:{needed},error:{e}"),
+            (ReplyFormat::Text, error) => {
+                // Same bytes as "ready:false,detection:,needed:{needed}[,error:{e}]".
+                self.out.write_all(b"ready:false,detection:,needed:")?;
+                write_decimal(&mut self.out, needed)?;
+                if let Some(e) = error {
+                    self.out.write_all(b",error:")?;
+                    self.out.write_all(e.as_bytes())?;
+                }
+                self.out.write_all(b"\n")
+            }
             (ReplyFormat::Json, None) => writeln!(self.out, r#"{{"ready":false,"detection":null,"needed":{needed}}}"#),
             (ReplyFormat::Json, Some(e)) => {
                 writeln!(self.out, r#"{{"ready":false,"detection":null,"needed":{needed},"error":{}}}"#, json_str(e))
@@ -245,6 +253,21 @@ impl<W: Write> ReplyWriter<W> {
             ),
         }
     }
+}
+
+/// Writes `n` in decimal, as `{n}` would.
+fn write_decimal(out: &mut impl Write, mut n: usize) -> io::Result<()> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.write_all(&digits[at..])
 }
 
 fn json_str(s: &str) -> String {
@@ -618,7 +641,7 @@ fn note(text: &str) {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
+    memchr::memchr(needle, hay)
 }
 
 /// Builds the engine, restoring --state when given.
