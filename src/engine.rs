@@ -408,6 +408,13 @@ impl Engine {
         self.pending.len() / self.row.len().max(1)
     }
 
+    /// Hands the pending rows over (row-major, in batch order) in `rows` and starts an
+    /// empty batch in `rows`' old allocation; the next offer's batch index is 0 again.
+    pub fn swap_pending(&mut self, rows: &mut Vec<f32>) {
+        rows.clear();
+        std::mem::swap(&mut self.pending, rows);
+    }
+
     /// Scores the pending rows into `out` (resized to their count) and clears the batch.
     pub fn score_pending(&mut self, out: &mut Vec<Detection>) {
         let n = self.pending_len();
