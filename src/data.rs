@@ -215,7 +215,7 @@ pub fn read_signal_file(path: &Path) -> Result<SignalFile> {
             bail!("{} line {lineno}: expected 2 fields time_sec,value, found {:?}", path.display(), truncate(line));
         };
         let (t, v) = (trim(t), trim(v));
-        let time: f64 = match t.parse::<f64>() {
+        let time: f64 = match crate::engine::parse_plain_decimal(t).map_or_else(|| t.parse::<f64>(), Ok) {
             Ok(x) if x.is_finite() => x,
             _ => bail!("{} line {lineno}, field time_sec: {:?} is not a number", path.display(), truncate(t)),
         };
