@@ -303,6 +303,9 @@ def main():
     row(f"score: {n_scored:,} rows, CSV in -> CSV out, 2 cores (us/row)",
         f"{fad_us:.3f} {rng([s[0] / n_scored * 1e6 for s in scores], lambda x: f'{x:.3f}')}",
         f"{batch['us_per_row']:.3f}", ratio, ">= 8x", ratio >= 8)
+    seq_us = batch["sequential_s"] / batch["rows"] * 1e6
+    row("  the same against scikit-learn's sequential decision_function (what n_jobs gives) (us/row)",
+        f"{fad_us:.3f}", f"{seq_us:.3f}", seq_us / fad_us)
     _, _, out, _ = run([a.forest_loop, ref_art, feats, "3", "1024", "2"], stdout=True)
     kv = dict(x.split("=") for x in out.decode().split())
     loop2 = float(kv["median_ns_per_row"]) / 1e3
