@@ -141,53 +141,111 @@ pub fn discover(dir: &Path) -> Result<Discovery> {
     Ok(Discovery { pairs, unpaired })
 }
 
-/// One `time_sec,value` file: timestamps as written (echoed to the output), their values
-/// in microseconds (for the join), and the value texts.
+/// One `time_sec,value` file: its text, and for each data row its time in microseconds
+/// (for the join), its time in seconds, and where the time and value texts are (echoed to
+/// the output as written).
 #[derive(Debug, Default)]
 pub struct SignalFile {
-    pub time_text: Vec<String>,
-    pub time_key: Vec<i64>,
-    pub value_text: Vec<String>,
+    text: String,
+    rows: Vec<SignalRow>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SignalRow {
+    key: i64,
+    time: f64,
+    time_text: (u32, u32),
+    value_text: (u32, u32),
+}
+
+impl SignalFile {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    fn slice(&self, (start, end): (u32, u32)) -> &str {
+        &self.text[start as usize..end as usize]
+    }
+    pub fn time_text(&self, i: usize) -> &str {
+        self.slice(self.rows[i].time_text)
+    }
+    pub fn value_text(&self, i: usize) -> &str {
+        self.slice(self.rows[i].value_text)
+    }
 }
 
 /// Reads a `time_sec,value` file. Errors name the file, line and field.
 pub fn read_signal_file(path: &Path) -> Result<SignalFile> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let valid = e.utf8_error().valid_up_to();
+        let line = 1 + bytes[..valid].iter().filter(|&&b| b == b'\n').count();
         anyhow::anyhow!("{} line {line}: not UTF-8 text", path.display())
     })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut out = SignalFile::default();
-    let mut lines = text.lines().enumerate();
+    if text.len() > u32::MAX as usize {
+        bail!("{}: a signal file of 4 GiB or more is not supported", path.display());
+    }
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut rows = Vec::new();
+    // Lines as `str::lines` cuts them (a trailing empty line aside, which is blank anyway).
+    let mut lines = body.split('\n').enumerate();
     match lines.next() {
         Some((_, h)) if h.trim().split(',').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("time_sec")) => {}
         Some((_, h)) => bail!("{} line 1: expected the header time_sec,value, found {:?}", path.display(), truncate(h)),
         None => bail!("{}: empty file (no header)", path.display()),
     }
+    let at = |s: &str| {
+        let start = s.as_ptr() as usize - text.as_ptr() as usize;
+        (start as u32, (start + s.len()) as u32)
+    };
     for (i, line) in lines {
         let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() {
+        if trim(line).is_empty() {
             continue;
         }
         let lineno = i + 1;
-        let mut it = line.split(',');
-        let (Some(t), Some(v), None) = (it.next(), it.next(), it.next()) else {
+        let fields = match memchr::memchr(b',', line.as_bytes()) {
+            Some(c) if memchr::memchr(b',', &line.as_bytes()[c + 1..]).is_none() => Some((&line[..c], &line[c + 1..])),
+            _ => None,
+        };
+        let Some((t, v)) = fields else {
             bail!("{} line {lineno}: expected 2 fields time_sec,value, found {:?}", path.display(), truncate(line));
         };
-        let (t, v) = (t.trim(), v.trim());
-        let time: f64 = match t.parse::<f64>() {
+        let (t, v) = (trim(t), trim(v));
+        let time: f64 = match crate::engine::parse_plain_decimal(t).map_or_else(|| t.parse::<f64>(), Ok) {
             Ok(x) if x.is_finite() => x,
             _ => bail!("{} line {lineno}, field time_sec: {:?} is not a number", path.display(), truncate(t)),
         };
-        if !v.is_empty() && v.parse::<f64>().is_err() {
+        if !v.is_empty() && !is_plain_decimal(v) && v.parse::<f64>().is_err() {
             bail!("{} line {lineno}, field value: {:?} is not a number", path.display(), truncate(v));
         }
-        out.time_key.push((time * 1e6).round() as i64);
-        out.time_text.push(t.to_owned());
-        out.value_text.push(v.to_owned());
+        rows.push(SignalRow { key: (time * 1e6).round() as i64, time, time_text: at(t), value_text: at(v) });
     }
-    Ok(out)
+    Ok(SignalFile { text, rows })
+}
+
+/// `str::trim`, skipped when the text neither starts nor ends with a space of any kind.
+fn trim(s: &str) -> &str {
+    match (s.as_bytes().first(), s.as_bytes().last()) {
+        (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => s,
+        _ => s.trim(),
+    }
+}
+
+/// `-?[0-9]+(.[0-9]+)?`: a number `f64::from_str` certainly accepts, checked without
+/// parsing it (a value is only checked here; it is echoed as written).
+fn is_plain_decimal(s: &str) -> bool {
+    let b = s.strip_prefix('-').unwrap_or(s).as_bytes();
+    let (int, frac) = match b.iter().position(|&c| c == b'.') {
+        Some(p) => (&b[..p], Some(&b[p + 1..])),
+        None => (b, None),
+    };
+    !int.is_empty()
+        && int.iter().all(u8::is_ascii_digit)
+        && frac.is_none_or(|f| !f.is_empty() && f.iter().all(u8::is_ascii_digit))
 }
 
 fn truncate(s: &str) -> String {
@@ -201,38 +259,69 @@ fn truncate(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
-/// One merged row of a pair: (timestamp text, bpm text, uterus text).
-pub type MergedRow = (String, String, String);
+/// A pair's two files joined on time: rows in time order, each taken from the bpm file,
+/// the uterus file, or both.
+#[derive(Debug, Default)]
+pub struct Merged {
+    bpm: SignalFile,
+    uterus: SignalFile,
+    /// (bpm row, uterus row); [`NONE`] where a side is missing (outer join).
+    rows: Vec<(u32, u32)>,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Merged {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// Row `i` as (timestamp text, bpm text, uterus text); a missing side is empty. The
+    /// timestamp is the bpm file's, or the uterus file's for a uterus-only row.
+    pub fn row(&self, i: usize) -> (&str, &str, &str) {
+        let (b, u) = self.rows[i];
+        fn value(f: &SignalFile, j: u32) -> &str {
+            if j == NONE { "" } else { f.value_text(j as usize) }
+        }
+        let time = if b != NONE { self.bpm.time_text(b as usize) } else { self.uterus.time_text(u as usize) };
+        (time, value(&self.bpm, b), value(&self.uterus, u))
+    }
+    /// The timestamp of row `i` in seconds.
+    pub fn time(&self, i: usize) -> f64 {
+        let (b, u) = self.rows[i];
+        if b != NONE { self.bpm.rows[b as usize].time } else { self.uterus.rows[u as usize].time }
+    }
+}
 
 /// Joins a pair's two files on time, ordered by time.
-pub fn merge_pair(pair: &Pair, join: Join) -> Result<Vec<MergedRow>> {
+pub fn merge_pair(pair: &Pair, join: Join) -> Result<Merged> {
     let b = read_signal_file(&pair.bpm)?;
     let u = read_signal_file(&pair.uterus)?;
-    let mut by_time: HashMap<i64, usize> = HashMap::with_capacity(u.time_key.len());
-    for (i, &k) in u.time_key.iter().enumerate() {
-        by_time.insert(k, i);
-    }
-    let mut rows: Vec<(i64, MergedRow)> = Vec::with_capacity(b.time_key.len());
-    let mut used = vec![false; u.time_key.len()];
-    for i in 0..b.time_key.len() {
-        match by_time.get(&b.time_key[i]) {
-            Some(&j) => {
-                used[j] = true;
-                rows.push((b.time_key[i], (b.time_text[i].clone(), b.value_text[i].clone(), u.value_text[j].clone())));
+    // Uterus rows by time: where a time repeats, the last row of that time is the partner.
+    let mut by_time: Vec<(i64, u32)> = u.rows.iter().enumerate().map(|(j, r)| (r.key, j as u32)).collect();
+    by_time.sort_unstable();
+    let mut rows: Vec<(i64, (u32, u32))> = Vec::with_capacity(b.len());
+    let mut used = vec![false; u.len()];
+    for (i, r) in b.rows.iter().enumerate() {
+        let end = by_time.partition_point(|&(k, _)| k <= r.key);
+        match by_time[..end].last() {
+            Some(&(k, j)) if k == r.key => {
+                used[j as usize] = true;
+                rows.push((r.key, (i as u32, j)));
             }
-            None if join == Join::Outer => {
-                rows.push((b.time_key[i], (b.time_text[i].clone(), b.value_text[i].clone(), String::new())))
-            }
-            None => {}
+            _ if join == Join::Outer => rows.push((r.key, (i as u32, NONE))),
+            _ => {}
         }
     }
     if join == Join::Outer {
-        for j in (0..u.time_key.len()).filter(|&j| !used[j]) {
-            rows.push((u.time_key[j], (u.time_text[j].clone(), String::new(), u.value_text[j].clone())));
+        for j in (0..u.len()).filter(|&j| !used[j]) {
+            rows.push((u.rows[j].key, (NONE, j as u32)));
         }
     }
     rows.sort_by_key(|r| r.0);
-    Ok(rows.into_iter().map(|r| r.1).collect())
+    Ok(Merged { bpm: b, uterus: u, rows: rows.into_iter().map(|r| r.1).collect() })
 }
 
 #[cfg(test)]

@@ -264,10 +264,30 @@ impl Series {
     pub fn raw(&self) -> (&[f64], u32, u32) {
         (&self.values, self.head, self.len)
     }
+    /// Calls `f(bpm, uterus)` on the newest `n` samples of a window series, newest first
+    /// (the order of `at(0), at(1), ...`), walking the ring as two plain slices.
+    #[inline]
+    fn newest(&self, n: usize, mut f: impl FnMut(f64, f64)) {
+        let h = self.head as usize;
+        let (before, after) = self.values.split_at(2 * h);
+        let first = n.min(h);
+        for p in before[2 * (h - first)..].chunks_exact(2).rev() {
+            f(p[0], p[1]);
+        }
+        let rest = n - first;
+        for p in after[after.len() - 2 * rest..].chunks_exact(2).rev() {
+            f(p[0], p[1]);
+        }
+    }
+
     /// Sample `back` steps before the newest (0 = newest) of a window series.
     fn at(&self, back: usize) -> (f64, f64) {
         let cap = self.values.len() / 2;
-        let slot = (self.head as usize + cap - 1 - back) % cap;
+        // (head - 1 - back) mod cap, without a division: head < cap and back < cap.
+        let mut slot = self.head as usize + cap - 1 - back;
+        if slot >= cap {
+            slot -= cap;
+        }
         (self.values[2 * slot], self.values[2 * slot + 1])
     }
 }
@@ -430,7 +450,7 @@ impl FeatureConfig {
                 let h = series.head as usize;
                 series.values[2 * h] = bpm;
                 series.values[2 * h + 1] = uterus;
-                series.head = ((h + 1) % cap) as u32;
+                series.head = if h + 1 == cap { 0 } else { h as u32 + 1 };
             }
             FeatureKind::Filters(p) => {
                 let (b, u) = series.values.split_at_mut(slot::PER_SIGNAL);
@@ -461,18 +481,16 @@ fn write_window_row(series: &Series, lags: &[usize], roll_windows: &[usize], row
     }
     for &w in roll_windows {
         let (mut sb, mut su) = (0.0, 0.0);
-        for back in 0..w {
-            let (b, u) = series.at(back);
+        series.newest(w, |b, u| {
             sb += b;
             su += u;
-        }
+        });
         let (mb, mu) = (sb / w as f64, su / w as f64);
         let (mut vb, mut vu) = (0.0, 0.0);
-        for back in 0..w {
-            let (b, u) = series.at(back);
+        series.newest(w, |b, u| {
             vb += (b - mb) * (b - mb);
             vu += (u - mu) * (u - mu);
-        }
+        });
         row[k] = mb as f32;
         row[k + 1] = mu as f32;
         row[k + 2] = (vb / w as f64).sqrt() as f32;

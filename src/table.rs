@@ -44,6 +44,21 @@ impl fmt::Display for RowError {
 
 impl std::error::Error for RowError {}
 
+/// `trim` of an ASCII field, skipped when it neither starts nor ends with a space.
+trait TrimAsciiFast {
+    fn trim_ascii_fast(&self) -> &str;
+}
+
+impl TrimAsciiFast for str {
+    #[inline]
+    fn trim_ascii_fast(&self) -> &str {
+        match (self.as_bytes().first(), self.as_bytes().last()) {
+            (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => self,
+            _ => self.trim(),
+        }
+    }
+}
+
 /// Longest line accepted in a table: a file without newlines must not exhaust memory.
 pub const MAX_TABLE_LINE: usize = 1 << 20;
 
@@ -58,19 +73,34 @@ struct LineLimit<R> {
 impl<R: Read> Read for LineLimit<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        for &b in &buf[..n] {
-            if b == b'\n' {
-                self.line += 1;
-                self.run = 0;
-            } else {
-                self.run += 1;
-                if self.run > MAX_TABLE_LINE {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("line {} is longer than {} bytes", self.line, MAX_TABLE_LINE),
-                    ));
-                }
+        let data = &buf[..n];
+        // The longest run without a newline: before the first one (continuing the current
+        // line), between two of them, or after the last one.
+        let mut start = 0;
+        let mut longest = 0;
+        let mut first = true;
+        for nl in memchr::memchr_iter(b'\n', data) {
+            let run = if first { self.run + nl } else { nl - start };
+            if run > longest {
+                longest = run;
             }
+            if run > MAX_TABLE_LINE {
+                break;
+            }
+            first = false;
+            self.line += 1;
+            start = nl + 1;
+        }
+        if longest <= MAX_TABLE_LINE {
+            let tail = if first { self.run + n } else { n - start };
+            longest = tail;
+            self.run = tail;
+        }
+        if longest > MAX_TABLE_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line {} is longer than {} bytes", self.line, MAX_TABLE_LINE),
+            ));
         }
         Ok(n)
     }
@@ -120,7 +150,6 @@ pub fn for_each_row(
     }
     let target_col = col("target");
     let mut record = csv::ByteRecord::new();
-    let mut fields: Vec<&str>;
     loop {
         let more = match rdr.read_byte_record(&mut record) {
             Ok(m) => m,
@@ -149,16 +178,28 @@ pub fn for_each_row(
             f(Err(bad("", format!("expected {} fields, found {}", header_names.len(), record.len()))))?;
             continue;
         }
-        fields = Vec::with_capacity(record.len());
+        // The fields of a usual table fit on the stack: no allocation per row.
+        let mut small = [""; 16];
+        let mut large = Vec::new();
+        let fields: &mut [&str] = if record.len() <= small.len() {
+            &mut small[..record.len()]
+        } else {
+            large.resize(record.len(), "");
+            &mut large
+        };
         let mut utf8_error = None;
         for (i, b) in record.iter().enumerate() {
-            match std::str::from_utf8(b) {
+            let text = if b.is_ascii() {
+                // SAFETY: ASCII is UTF-8.
+                Ok(unsafe { std::str::from_utf8_unchecked(b) })
+            } else {
+                std::str::from_utf8(b)
+            };
+            match text {
                 // A BOM where files were concatenated is no part of the value (as in `stream`).
-                Ok(s) => fields.push(s.trim().trim_start_matches('\u{feff}').trim_start()),
-                Err(_) => {
-                    utf8_error = Some(i);
-                    fields.push("");
-                }
+                Ok(s) if b.is_ascii() => fields[i] = s.trim_ascii_fast(),
+                Ok(s) => fields[i] = s.trim().trim_start_matches('\u{feff}').trim_start(),
+                Err(_) => utf8_error = Some(i),
             }
         }
         if let Some(i) = utf8_error {

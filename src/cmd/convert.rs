@@ -1,7 +1,7 @@
 //! `fad convert`: a folder tree of recordings -> one merged table, or a live feed.
 
 use crate::cli::{ConvertArgs, ConvertOutput, Join};
-use crate::data::{MergedRow, Pair, discover, merge_pair};
+use crate::data::{Merged, Pair, discover, merge_pair};
 use crate::progress;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
@@ -57,13 +57,22 @@ fn report_unpaired(unpaired: &[std::path::PathBuf]) {
 }
 
 fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
-    let rows = merge_pair(pair, join)?;
+    let merged = merge_pair(pair, join)?;
     let gid = pair.group_id();
-    let mut buf = Vec::with_capacity(rows.len() * 48);
-    for (t, b, u) in &rows {
-        writeln!(buf, "{t},{gid},{},{b},{u},{}", pair.stem, pair.class)?;
+    // ",<group>,<sequence>," and ",<class>\n" are the same on every row.
+    let mid = format!(",{gid},{},", pair.stem);
+    let tail = format!(",{}\n", pair.class);
+    let mut buf = Vec::with_capacity(merged.len() * (mid.len() + tail.len() + 32));
+    for i in 0..merged.len() {
+        let (t, b, u) = merged.row(i);
+        buf.extend_from_slice(t.as_bytes());
+        buf.extend_from_slice(mid.as_bytes());
+        buf.extend_from_slice(b.as_bytes());
+        buf.push(b',');
+        buf.extend_from_slice(u.as_bytes());
+        buf.extend_from_slice(tail.as_bytes());
     }
-    Ok((buf, rows.len() as u64))
+    Ok((buf, merged.len() as u64))
 }
 
 /// Writes every pair as stream messages merged in timestamp order, optionally paced.
@@ -71,29 +80,30 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
     let found = discover(dir)?;
     report_unpaired(&found.unpaired);
     let bar = progress::bar(found.pairs.len() as u64, "reading");
-    let merged: Vec<(usize, Result<Vec<MergedRow>>)> =
+    let merged: Vec<(usize, Result<Merged>)> =
         found.pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
     // (time, pair index, row index) for a global, deterministic timestamp order
     let mut order: Vec<(f64, u32, u32)> = Vec::new();
-    let mut tables: Vec<Vec<MergedRow>> = Vec::with_capacity(merged.len());
+    let mut tables: Vec<Merged> = Vec::with_capacity(merged.len());
     for (i, r) in merged {
         let rows = match r {
             Ok(rows) => rows,
             Err(e) if skip_bad => {
                 eprintln!("fad convert: skipped {}: {e:#}", found.pairs[i].stem);
-                Vec::new()
+                Merged::default()
             }
             Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
         };
-        for (j, row) in rows.iter().enumerate() {
-            order.push((row.0.parse::<f64>().unwrap_or(f64::NAN), i as u32, j as u32));
+        for j in 0..rows.len() {
+            order.push((rows.time(j), i as u32, j as u32));
         }
         tables.push(rows);
         bar.inc(1);
     }
     bar.finish_and_clear();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let gids: Vec<String> = found.pairs.iter().map(Pair::group_id).collect();
+    // ",<group>,<sequence>\n" of every pair
+    let tails: Vec<String> = found.pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
     let start = Instant::now();
     let t0 = order.first().map_or(0.0, |o| o.0);
     for &(t, i, j) in &order {
@@ -105,9 +115,13 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
                 std::thread::sleep(due - now);
             }
         }
-        let (ts, b, u) = &tables[i as usize][j as usize];
-        let p = &found.pairs[i as usize];
-        writeln!(out, "{ts},{b},{u},{},{}", gids[i as usize], p.stem)?;
+        let (ts, b, u) = tables[i as usize].row(j as usize);
+        out.write_all(ts.as_bytes())?;
+        out.write_all(b",")?;
+        out.write_all(b.as_bytes())?;
+        out.write_all(b",")?;
+        out.write_all(u.as_bytes())?;
+        out.write_all(tails[i as usize].as_bytes())?;
     }
     out.flush()?;
     Ok(())

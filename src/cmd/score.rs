@@ -5,9 +5,10 @@ use crate::cli::ScoreArgs;
 use crate::engine::{Engine, Offer};
 use crate::model::{Detection, Model};
 use crate::table::{self, TableRow};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::sync::mpsc;
 
 pub const SCORE_HEADER: &str = "timestamp,group_id,sequence_id,bpm,uterus,bpm_anomaly,uterus_anomaly,anomaly_score";
 
@@ -16,6 +17,7 @@ const BATCH_ROWS: usize = 1 << 15;
 /// Malformed rows reported one by one before the rest are only counted.
 const MAX_REPORTED: u64 = 20;
 
+#[derive(Default)]
 struct Batch {
     /// The echoed part of each row ("ts,gid,sid,bpm,uterus"), back to back.
     text: Vec<u8>,
@@ -29,24 +31,48 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let model = Arc::new(Model::load(&args.model)?);
     let name = table::input_name(&args.input);
     let input = table::open(&args.input, args.join)?;
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    if args.with_features {
-        writeln!(out, "{SCORE_HEADER},{}", model.features.feature_cols().join(","))?;
-    } else {
-        writeln!(out, "{SCORE_HEADER}")?;
-    }
     let opts = Output { all: args.all, features: args.with_features.then(|| model.n_features()) };
+    let header = if args.with_features {
+        format!("{SCORE_HEADER},{}\n", model.features.feature_cols().join(","))
+    } else {
+        format!("{SCORE_HEADER}\n")
+    };
+    // Two stages: this thread reads rows and computes their features; the writer thread
+    // scores each full batch (on the rayon pool) and writes it, while the next batch is
+    // being read. Batches travel in order through a channel of one, and their buffers come
+    // back for reuse.
+    let (to_writer, batches) = mpsc::sync_channel::<Job>(1);
+    let (recycle, spares) = mpsc::channel::<Job>();
+    let writer_model = Arc::clone(&model);
+    let writer = std::thread::Builder::new()
+        .name("fad-score-writer".into())
+        .spawn(move || -> io::Result<()> {
+            let stdout = io::stdout();
+            let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            out.write_all(header.as_bytes())?;
+            let mut detections = Vec::new();
+            for job in batches {
+                write_batch(&writer_model, &job, &mut detections, opts, &mut out)?;
+                let _ = recycle.send(job);
+            }
+            out.flush()
+        })
+        .context("cannot start the writer thread")?;
     let mut engine = Engine::new(model);
-    let mut batch = Batch { text: Vec::new(), rows: Vec::new() };
-    let mut detections = Vec::new();
+    let mut job = Job::default();
     let mut bad_rows = 0u64;
-    table::for_each_row(input, &name, |row| {
+    let mut writer_gone = false;
+    let read = table::for_each_row(input, &name, |row| {
         match row {
             Ok(r) => {
-                push_row(&mut engine, &mut batch, &r);
-                if batch.rows.len() >= BATCH_ROWS {
-                    flush_batch(&mut engine, &mut batch, &mut detections, opts, &mut out)?;
+                push_row(&mut engine, &mut job.batch, &r);
+                if job.batch.rows.len() >= BATCH_ROWS {
+                    let next = spares.try_recv().map(Job::cleared).unwrap_or_default();
+                    engine.swap_pending(&mut job.rows);
+                    if to_writer.send(std::mem::replace(&mut job, next)).is_err() {
+                        writer_gone = true;
+                        bail!("the writer stopped");
+                    }
                 }
             }
             Err(e) => {
@@ -57,9 +83,18 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             }
         }
         Ok(())
-    })?;
-    flush_batch(&mut engine, &mut batch, &mut detections, opts, &mut out)?;
-    out.flush()?;
+    });
+    if read.is_ok() {
+        engine.swap_pending(&mut job.rows);
+        let _ = to_writer.send(job);
+    }
+    drop(to_writer);
+    let written = writer.join().map_err(|_| anyhow!("the writer thread panicked"))?;
+    // A failed write (a closed stdout, say) is the error to report, not its echo here.
+    written?;
+    if !writer_gone {
+        read?;
+    }
     if bad_rows > 0 {
         bail!(
             "{bad_rows} malformed row(s) in {name} were not scored (the first {} are named above)",
@@ -67,6 +102,23 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A batch on its way to the writer: the rows' echoed text and offers, and the feature
+/// rows to score (row-major, in batch order).
+#[derive(Default)]
+struct Job {
+    batch: Batch,
+    rows: Vec<f32>,
+}
+
+impl Job {
+    fn cleared(mut self) -> Job {
+        self.batch.text.clear();
+        self.batch.rows.clear();
+        self.rows.clear();
+        self
+    }
 }
 
 fn push_row(engine: &mut Engine, batch: &mut Batch, r: &TableRow) {
@@ -89,23 +141,29 @@ struct Output {
     features: Option<usize>,
 }
 
-fn flush_batch(
-    engine: &mut Engine,
-    batch: &mut Batch,
+fn write_batch(
+    model: &Model,
+    job: &Job,
     detections: &mut Vec<Detection>,
     opts: Output,
     out: &mut impl Write,
-) -> Result<()> {
-    let features = opts.features.map(|w| (w, engine.pending_rows().to_vec()));
-    engine.score_pending_parallel(detections);
+) -> io::Result<()> {
+    use rayon::prelude::*;
+    let w = model.n_features();
+    let n = job.rows.len() / w.max(1);
+    detections.clear();
+    detections.resize(n, Detection::default());
+    const CHUNK: usize = 2048;
+    detections.par_chunks_mut(CHUNK).zip(job.rows.par_chunks(CHUNK * w)).for_each(|(o, r)| model.detect_batch(r, o));
+    let batch = &job.batch;
     for &(s, e, offer) in &batch.rows {
         match offer {
             Offer::Pending(i) => {
                 let d = &detections[i];
                 out.write_all(&batch.text[s..e])?;
                 write!(out, ",{},{},{}", d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score)?;
-                if let Some((w, rows)) = &features {
-                    for v in &rows[i * w..(i + 1) * w] {
+                if let Some(w) = opts.features {
+                    for v in &job.rows[i * w..(i + 1) * w] {
                         write!(out, ",{v}")?;
                     }
                 }
@@ -114,7 +172,7 @@ fn flush_batch(
             _ if opts.all => {
                 out.write_all(&batch.text[s..e])?;
                 out.write_all(b",,,")?;
-                if let Some((w, _)) = features {
+                if let Some(w) = opts.features {
                     out.write_all(&b",".repeat(w))?;
                 }
                 out.write_all(b"\n")?;
@@ -122,7 +180,5 @@ fn flush_batch(
             _ => {}
         }
     }
-    batch.text.clear();
-    batch.rows.clear();
     Ok(())
 }

@@ -64,22 +64,41 @@ fn clean_line(mut line: &[u8]) -> &[u8] {
     line.trim_ascii()
 }
 
+/// `str::trim`, skipped when the field neither starts nor ends with a space of any kind.
+#[inline]
+fn trim_field(field: &str) -> &str {
+    match (field.as_bytes().first(), field.as_bytes().last()) {
+        (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => field,
+        _ => field.trim(),
+    }
+}
+
 /// Parses one line `timestamp,bpm,uterus,group_id,sequence_id`.
 pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     let line = clean_line(raw);
     if line.is_empty() {
         return Parsed::Blank;
     }
-    let Ok(line) = std::str::from_utf8(line) else {
-        return Parsed::Bad { reason: "not_utf8", key: None };
+    let line = if line.is_ascii() {
+        // SAFETY: ASCII is UTF-8 (the usual case, checked a word at a time).
+        unsafe { std::str::from_utf8_unchecked(line) }
+    } else {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return Parsed::Bad { reason: "not_utf8", key: None };
+        };
+        line
     };
     let mut f = [""; 5];
     let mut n = 0;
-    for part in line.split(',') {
+    let mut start = 0;
+    let bytes = line.as_bytes();
+    // Commas are ASCII, so every cut is on a char boundary.
+    for end in (0..bytes.len()).filter(|&i| bytes[i] == b',').chain([bytes.len()]) {
         if n < 5 {
-            f[n] = part.trim();
+            f[n] = trim_field(&line[start..end]);
         }
         n += 1;
+        start = end + 1;
     }
     if n != 5 {
         return Parsed::Bad { reason: "wrong_field_count", key: None };
@@ -134,7 +153,7 @@ enum LineRef {
 /// The reply to one line before the batch is scored.
 enum Reply {
     NotReady { needed: usize, error: Option<&'static str> },
-    Scored { line: Range<usize>, batch_index: usize, forecast: Option<Forecast> },
+    Scored { echo: Echo, batch_index: usize, forecast: Option<Forecast> },
 }
 
 /// The --horizon points of one scored message, or why there are none.
@@ -202,6 +221,47 @@ fn sampling_interval(history: &[[f64; 3]]) -> f64 {
     if step.is_finite() { step } else { 1.0 }
 }
 
+/// Where the echoed fields of a scored line are in the input buffer (so the line is not
+/// parsed a second time when its reply is written), plus the parsed signal values.
+struct Echo {
+    /// timestamp, bpm, uterus, group_id, sequence_id (byte ranges in the buffer)
+    fields: [(u32, u32); 5],
+    bpm: f64,
+    uterus: f64,
+}
+
+impl Echo {
+    fn new(buf: &[u8], m: &Message) -> Echo {
+        let base = buf.as_ptr() as usize;
+        let at = |s: &str| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
+        Echo {
+            fields: [at(m.timestamp), at(m.bpm_text), at(m.uterus_text), at(m.group_id), at(m.sequence_id)],
+            bpm: m.bpm,
+            uterus: m.uterus,
+        }
+    }
+
+    /// The message again, borrowing from `buf` (the same buffer, unchanged since `new`).
+    fn message<'a>(&self, buf: &'a [u8]) -> Message<'a> {
+        let get = |(start, len): (u32, u32)| {
+            let bytes = &buf[start as usize..(start + len) as usize];
+            // SAFETY: the range was cut from a &str of this very buffer, at char
+            // boundaries, and the buffer has not changed since.
+            unsafe { std::str::from_utf8_unchecked(bytes) }
+        };
+        Message {
+            timestamp: get(self.fields[0]),
+            time: f64::NAN,
+            bpm_text: get(self.fields[1]),
+            bpm: self.bpm,
+            uterus_text: get(self.fields[2]),
+            uterus: self.uterus,
+            group_id: get(self.fields[3]),
+            sequence_id: get(self.fields[4]),
+        }
+    }
+}
+
 /// Writes replies in the text or JSON format.
 pub struct ReplyWriter<W: Write> {
     pub out: W,
@@ -215,8 +275,16 @@ impl<W: Write> ReplyWriter<W> {
 
     pub fn not_ready(&mut self, needed: usize, error: Option<&str>) -> io::Result<()> {
         match (self.format, error) {
-            (ReplyFormat::Text, None) => writeln!(self.out, "ready:false,detection:,needed:{needed}"),
-            (ReplyFormat::Text, Some(e)) => writeln!(self.out, "ready:false,detection:,needed:{needed},error:{e}"),
+            (ReplyFormat::Text, error) => {
+                // Same bytes as "ready:false,detection:,needed:{needed}[,error:{e}]".
+                self.out.write_all(b"ready:false,detection:,needed:")?;
+                write_decimal(&mut self.out, needed)?;
+                if let Some(e) = error {
+                    self.out.write_all(b",error:")?;
+                    self.out.write_all(e.as_bytes())?;
+                }
+                self.out.write_all(b"\n")
+            }
             (ReplyFormat::Json, None) => writeln!(self.out, r#"{{"ready":false,"detection":null,"needed":{needed}}}"#),
             (ReplyFormat::Json, Some(e)) => {
                 writeln!(self.out, r#"{{"ready":false,"detection":null,"needed":{needed},"error":{}}}"#, json_str(e))
@@ -239,11 +307,18 @@ impl<W: Write> ReplyWriter<W> {
     ) -> io::Result<()> {
         let (b, u) = (d.bpm_anomaly as u8, d.uterus_anomaly as u8);
         match self.format {
-            ReplyFormat::Text => write!(
-                self.out,
-                "ready:true,detection:{},{},{},{},{},{b},{u},{},needed:0",
-                m.timestamp, m.group_id, m.sequence_id, m.bpm_text, m.uterus_text, d.score
-            )?,
+            ReplyFormat::Text => {
+                // "ready:true,detection:{ts},{gid},{sid},{bpm},{uterus},{b},{u},{score},needed:0"
+                let o = &mut self.out;
+                o.write_all(b"ready:true,detection:")?;
+                for part in [m.timestamp, m.group_id, m.sequence_id, m.bpm_text, m.uterus_text] {
+                    o.write_all(part.as_bytes())?;
+                    o.write_all(b",")?;
+                }
+                o.write_all(&[b'0' + b, b',', b'0' + u, b','])?;
+                write!(o, "{}", d.score)?;
+                o.write_all(b",needed:0")?;
+            }
             ReplyFormat::Json => write!(
                 self.out,
                 r#"{{"ready":true,"detection":{{"timestamp":{},"group_id":{},"sequence_id":{},"bpm":{},"uterus":{},"bpm_anomaly":{b},"uterus_anomaly":{u},"anomaly_score":{}}},"needed":0"#,
@@ -264,8 +339,8 @@ impl<W: Write> ReplyWriter<W> {
             Some(Ok(points)) => self.forecast(points, detections)?,
         }
         match self.format {
-            ReplyFormat::Text => writeln!(self.out),
-            ReplyFormat::Json => writeln!(self.out, "}}"),
+            ReplyFormat::Text => self.out.write_all(b"\n"),
+            ReplyFormat::Json => self.out.write_all(b"}\n"),
         }
     }
 
@@ -313,6 +388,21 @@ impl<W: Write> ReplyWriter<W> {
         }
         Ok(())
     }
+}
+
+/// Writes `n` in decimal, as `{n}` would.
+fn write_decimal(out: &mut impl Write, mut n: usize) -> io::Result<()> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.write_all(&digits[at..])
 }
 
 fn json_str(s: &str) -> String {
@@ -469,7 +559,7 @@ impl<W: Write> Stream<W> {
                     Offer::Pending(batch_index) => {
                         let forecast =
                             self.horizon.as_mut().map(|h| h.points(&mut self.engine, m.group_id, m.sequence_id));
-                        Reply::Scored { line: r.clone(), batch_index, forecast }
+                        Reply::Scored { echo: Echo::new(&self.buf, &m), batch_index, forecast }
                     }
                 },
                 Parsed::Header => Reply::NotReady { needed: warmup, error: None },
@@ -506,12 +596,9 @@ fn write_reply<W: Write>(
             }
             out.not_ready(*needed, *error)
         }
-        Reply::Scored { line, batch_index, forecast } => {
+        Reply::Scored { echo, batch_index, forecast } => {
             tally.scored += 1;
-            let Parsed::Message(m) = parse_line(&buf[line.clone()]) else {
-                unreachable!("a scored line parsed as a message a moment ago")
-            };
-            out.scored_with(&m, &detections[*batch_index], forecast.as_ref(), detections)
+            out.scored_with(&echo.message(buf), &detections[*batch_index], forecast.as_ref(), detections)
         }
     }
 }
@@ -702,7 +789,7 @@ fn note(text: &str) {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
+    memchr::memchr(needle, hay)
 }
 
 /// Builds the engine, restoring --state when given.
