@@ -215,11 +215,11 @@ pub fn read_signal_file(path: &Path) -> Result<SignalFile> {
             bail!("{} line {lineno}: expected 2 fields time_sec,value, found {:?}", path.display(), truncate(line));
         };
         let (t, v) = (trim(t), trim(v));
-        let time: f64 = match crate::engine::parse_plain_decimal(t).map_or_else(|| t.parse::<f64>(), Ok) {
+        let time: f64 = match t.parse::<f64>() {
             Ok(x) if x.is_finite() => x,
             _ => bail!("{} line {lineno}, field time_sec: {:?} is not a number", path.display(), truncate(t)),
         };
-        if !v.is_empty() && !is_plain_decimal(v) && v.parse::<f64>().is_err() {
+        if !v.is_empty() && v.parse::<f64>().is_err() {
             bail!("{} line {lineno}, field value: {:?} is not a number", path.display(), truncate(v));
         }
         rows.push(SignalRow { key: (time * 1e6).round() as i64, time, time_text: at(t), value_text: at(v) });
@@ -233,19 +233,6 @@ fn trim(s: &str) -> &str {
         (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => s,
         _ => s.trim(),
     }
-}
-
-/// `-?[0-9]+(.[0-9]+)?`: a number `f64::from_str` certainly accepts, checked without
-/// parsing it (a value is only checked here; it is echoed as written).
-fn is_plain_decimal(s: &str) -> bool {
-    let b = s.strip_prefix('-').unwrap_or(s).as_bytes();
-    let (int, frac) = match b.iter().position(|&c| c == b'.') {
-        Some(p) => (&b[..p], Some(&b[p + 1..])),
-        None => (b, None),
-    };
-    !int.is_empty()
-        && int.iter().all(u8::is_ascii_digit)
-        && frac.is_none_or(|f| !f.is_empty() && f.iter().all(u8::is_ascii_digit))
 }
 
 fn truncate(s: &str) -> String {

@@ -449,9 +449,6 @@ fn split_key(key: &[u8]) -> (String, String) {
 /// Parses a timestamp: seconds (integer or decimal, epoch or relative), or an ISO 8601 /
 /// RFC 3339 date-time; one without a zone is taken as UTC.
 pub fn parse_timestamp(text: &str) -> Option<f64> {
-    if let Some(v) = parse_plain_decimal(text) {
-        return Some(v);
-    }
     if let Ok(v) = text.parse::<f64>() {
         return v.is_finite().then_some(v);
     }
@@ -468,48 +465,7 @@ pub fn parse_timestamp(text: &str) -> Option<f64> {
 
 /// Parses a signal value; an empty field is a missing value (NaN, i.e. signal loss).
 pub fn parse_value(text: &str) -> Option<f64> {
-    if text.is_empty() { Some(f64::NAN) } else { parse_plain_decimal(text).or_else(|| text.parse::<f64>().ok()) }
-}
-
-/// Exact powers of ten as f64 (all of 10^0 ..= 10^22 are representable).
-const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
-    1e21, 1e22,
-];
-
-/// `-?[0-9]+(.[0-9]+)?` with at most 15 digits in all, the way monitors write numbers, or
-/// None for anything else (the caller falls back to `f64::from_str`). The digits form an
-/// integer m < 2^53 and the point divides it by an exact 10^k, k <= 15: both are exact
-/// f64 values and one IEEE division rounds their quotient correctly, so the result is
-/// bit for bit what `f64::from_str` gives (Clinger's fast path), for much less work.
-#[inline]
-pub fn parse_plain_decimal(text: &str) -> Option<f64> {
-    let b = text.as_bytes();
-    let (neg, b) = match b.first() {
-        Some(b'-') => (true, &b[1..]),
-        _ => (false, b),
-    };
-    if b.is_empty() || b.len() > 16 {
-        return None;
-    }
-    let mut m: u64 = 0;
-    let mut digits = 0;
-    let mut frac: Option<usize> = None;
-    for (i, &c) in b.iter().enumerate() {
-        match c {
-            b'0'..=b'9' => {
-                m = m * 10 + (c - b'0') as u64;
-                digits += 1;
-            }
-            b'.' if frac.is_none() && i > 0 && i + 1 < b.len() => frac = Some(b.len() - i - 1),
-            _ => return None,
-        }
-    }
-    if digits > 15 {
-        return None;
-    }
-    let v = m as f64 / POW10[frac.unwrap_or(0)];
-    Some(if neg { -v } else { v })
+    if text.is_empty() { Some(f64::NAN) } else { text.parse::<f64>().ok() }
 }
 
 #[cfg(test)]
@@ -648,49 +604,6 @@ mod tests {
         let back: Vec<_> = r.saved_series().collect();
         assert_eq!(back[0], saved[1]);
         assert_eq!(r.clock(), 3.0);
-    }
-
-    #[test]
-    fn plain_decimals_parse_exactly_as_from_str() {
-        let fixed = [
-            "0",
-            "-0",
-            "0.0",
-            "12.5",
-            "-12.5",
-            "208.246927",
-            "0.127029",
-            "1700000000.125",
-            "123456789012345",
-            "1234567890.12345",
-            "0.00000000000001",
-            "99.99",
-            "140",
-            "007.50",
-        ];
-        for t in fixed {
-            let want: f64 = t.parse().unwrap();
-            let got = parse_plain_decimal(t).unwrap_or_else(|| panic!("{t} is plain"));
-            assert_eq!(got.to_bits(), want.to_bits(), "{t}");
-        }
-        for t in ["", "-", ".5", "5.", "1e5", "+1", "1.2.3", "1_0", " 1", "1234567890123456", "NaN", "inf"] {
-            assert_eq!(parse_plain_decimal(t), None, "{t}");
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn plain_decimals_match_from_str(int in 0u64..10_000_000_000, frac in 0u64..100_000_000, width in 0usize..9,
-                                         neg in proptest::bool::ANY) {
-            let t = match width {
-                0 => format!("{}{int}", if neg { "-" } else { "" }),
-                w => format!("{}{int}.{:0w$}", if neg { "-" } else { "" }, frac % 10u64.pow(w as u32)),
-            };
-            let want: f64 = t.parse().unwrap();
-            if let Some(got) = parse_plain_decimal(&t) {
-                proptest::prop_assert_eq!(got.to_bits(), want.to_bits(), "{}", t);
-            }
-        }
     }
 
     #[test]
