@@ -119,9 +119,24 @@ impl Rows<'_> {
 
 /// Fits a forest on `rows` using only the columns in `allowed` (all columns for the joint
 /// model, one signal's columns for a per-signal model). `salt` separates the random streams
-/// of forests fitted from the same seed. The offset is set from `contamination`; returns
-/// the forest and the training rows' `score_samples`.
+/// of forests fitted from the same seed. The offset is set from `contamination` over every
+/// training row, as scikit-learn does; returns the forest and the training rows'
+/// `score_samples`.
 pub fn fit(rows: &Rows, allowed: &[u32], params: &FitParams, salt: u64) -> (ForestSpec, Vec<f64>) {
+    fit_calibrated(rows, allowed, params, salt, rows.data)
+}
+
+/// [`fit`], with the offset set from the scores of `calibration` rows (row-major, as wide
+/// as `rows`) instead of all training rows; returns their `score_samples`. Scoring a few
+/// hundred thousand rows pins a percentile as well as scoring millions does, for a
+/// fraction of the time.
+pub fn fit_calibrated(
+    rows: &Rows,
+    allowed: &[u32],
+    params: &FitParams,
+    salt: u64,
+    calibration: &[f32],
+) -> (ForestSpec, Vec<f64>) {
     let n = rows.len();
     assert!(n > 0, "fit needs at least one row");
     let max_samples = params.max_samples.resolve(n);
@@ -145,7 +160,7 @@ pub fn fit(rows: &Rows, allowed: &[u32], params: &FitParams, salt: u64) -> (Fore
         .collect();
     let mut spec = ForestSpec { n_features: rows.n_features, max_samples, offset: -0.5, trees };
     let forest = Forest::new(&spec).expect("a fitted forest is well formed");
-    let scores = score_all(&forest, rows.data);
+    let scores = score_all(&forest, calibration);
     if let Contamination::Fraction(c) = params.contamination {
         spec.offset = percentile(&scores, 100.0 * c);
     }

@@ -47,7 +47,7 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
     Ok(rows)
 }
 
-fn report_unpaired(unpaired: &[std::path::PathBuf]) {
+pub fn report_unpaired(unpaired: &[std::path::PathBuf]) {
     for p in unpaired {
         eprintln!("fad convert: no partner for {}", p.display());
     }

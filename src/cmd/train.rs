@@ -1,10 +1,10 @@
 //! `fad train`: features -> group split -> isolation forests -> artifacts + report
 //! (SPEC sections 3-4).
 
-use crate::cli::FeatureSet;
 use crate::cli::TrainArgs;
+use crate::cli::{FeatureSet, Join};
 use crate::features::{FeatureConfig, Pushed, Series};
-use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, percentile};
+use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, fit_calibrated, percentile};
 use crate::forest::ForestSpec;
 use crate::model::write_artifacts;
 use crate::model::{Meta, Model, PICKLE_FILE, Role, feature_config_from, feature_config_json, sha256_hex};
@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_pcg::Pcg64;
+use rayon::prelude::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -52,30 +53,100 @@ pub fn build_dataset(input: impl std::io::Read, name: &str, fc: &FeatureConfig) 
         rows_read: 0,
         rejected: BTreeMap::new(),
     };
-    let mut state: HashMap<(String, String), (Series, u32)> = HashMap::new();
+    let mut index: HashMap<(String, String), u32> = HashMap::new();
+    let mut states: Vec<Series> = Vec::new();
+    // A table holds a series' rows together: the map is consulted when the key changes.
+    let mut current: Option<u32> = None;
     let mut row = vec![0f32; w];
     table::for_each_row(input, name, |r| {
         let r = r?;
         ds.rows_read += 1;
-        let key = (r.group_id.to_owned(), r.sequence_id.to_owned());
-        let (series, idx) = state.entry(key).or_insert_with(|| {
-            ds.series.push(SeriesInfo {
-                group_id: r.group_id.to_owned(),
-                sequence_id: r.sequence_id.to_owned(),
-                target: r.target.map(str::to_owned),
-            });
-            (fc.new_series(), (ds.series.len() - 1) as u32)
+        let same = current.is_some_and(|i| {
+            let s = &ds.series[i as usize];
+            s.group_id == r.group_id && s.sequence_id == r.sequence_id
         });
-        match fc.push(series, r.time, r.bpm, r.uterus, &mut row) {
+        if !same {
+            let key = (r.group_id.to_owned(), r.sequence_id.to_owned());
+            let i = *index.entry(key).or_insert_with(|| {
+                ds.series.push(SeriesInfo {
+                    group_id: r.group_id.to_owned(),
+                    sequence_id: r.sequence_id.to_owned(),
+                    target: r.target.map(str::to_owned),
+                });
+                states.push(fc.new_series());
+                (ds.series.len() - 1) as u32
+            });
+            current = Some(i);
+        }
+        let idx = current.expect("set above");
+        match fc.push(&mut states[idx as usize], r.time, r.bpm, r.uterus, &mut row) {
             Pushed::Ready => {
                 ds.rows.extend_from_slice(&row);
-                ds.row_series.push(*idx);
+                ds.row_series.push(idx);
             }
             Pushed::Rejected { reason, .. } => *ds.rejected.entry(reason.as_str()).or_default() += 1,
             Pushed::WarmingUp { .. } => {}
         }
         Ok(())
     })?;
+    Ok(ds)
+}
+
+/// [`build_dataset`] for a data directory, without the detour through a table: every file
+/// pair is one series, so the pairs are read and turned into feature rows in parallel.
+/// The rows, series and counts are those of its converted table, in the same order.
+pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureConfig) -> Result<Dataset> {
+    /// The rows of one pair: feature rows, rows read, rejections by reason.
+    type PairRows = (Vec<f32>, u64, BTreeMap<&'static str, u64>);
+    let pair_rows = |pair: &crate::data::Pair| -> Result<PairRows> {
+        let merged = crate::data::merge_pair(pair, join)?;
+        let mut series = fc.new_series();
+        let mut row = vec![0f32; fc.n_features()];
+        let (mut rows, mut rejected) = (Vec::new(), BTreeMap::new());
+        for i in 0..merged.len() {
+            let (_, b, u) = merged.row(i);
+            let value = |text: &str| crate::engine::parse_value(text).unwrap_or(f64::NAN);
+            match fc.push(&mut series, merged.time(i), value(b), value(u), &mut row) {
+                Pushed::Ready => rows.extend_from_slice(&row),
+                Pushed::Rejected { reason, .. } => *rejected.entry(reason.as_str()).or_default() += 1,
+                Pushed::WarmingUp { .. } => {}
+            }
+        }
+        Ok((rows, merged.len() as u64, rejected))
+    };
+    let found = crate::data::discover(dir)?;
+    crate::cmd::convert::report_unpaired(&found.unpaired);
+    let w = fc.n_features();
+    let mut ds = Dataset {
+        n_features: w,
+        rows: Vec::new(),
+        row_series: Vec::new(),
+        series: Vec::new(),
+        rows_read: 0,
+        rejected: BTreeMap::new(),
+    };
+    // In batches, so that only one batch of pairs is held twice.
+    for batch in found.pairs.chunks(64) {
+        let done: Vec<Result<PairRows>> = batch.par_iter().map(pair_rows).collect();
+        for (pair, result) in batch.iter().zip(done) {
+            let (rows, read, rejected) = result?;
+            if read == 0 {
+                continue; // no row in the table, so no series either
+            }
+            let idx = ds.series.len() as u32;
+            ds.series.push(SeriesInfo {
+                group_id: pair.group_id(),
+                sequence_id: pair.stem.clone(),
+                target: Some(pair.class.clone()),
+            });
+            ds.rows_read += read;
+            ds.row_series.extend(std::iter::repeat_n(idx, rows.len() / w));
+            ds.rows.extend_from_slice(&rows);
+            for (reason, n) in rejected {
+                *ds.rejected.entry(reason).or_default() += n;
+            }
+        }
+    }
     Ok(ds)
 }
 
@@ -130,6 +201,34 @@ pub fn roc_auc(score: &[f64], positive: &[bool]) -> Option<f64> {
     Some(u / (n_pos as f64 * n_neg as f64))
 }
 
+/// Training rows scored at most (see [`calibration_sample`]).
+const CALIBRATION_ROWS: usize = 250_000;
+
+/// Positions (in 0..n, ascending) of the training rows that are scored: all of them, or a
+/// sample of CALIBRATION_ROWS drawn with the seed, so that the same input and seed give
+/// the same offsets whatever --n-jobs is.
+fn calibration_sample(n: usize, seed: u64) -> Vec<usize> {
+    if n <= CALIBRATION_ROWS {
+        return (0..n).collect();
+    }
+    let mut rng = Pcg64::seed_from_u64(seed ^ 0x6361_6c69_6272_6174);
+    let mut picked = rand::seq::index::sample(&mut rng, n, CALIBRATION_ROWS).into_vec();
+    picked.sort_unstable();
+    picked
+}
+
+/// Groups, sequences and rows of one side of the split.
+fn side_counts(ds: &Dataset, rows: &[usize]) -> Value {
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut groups = std::collections::BTreeSet::new();
+    for &r in rows {
+        let s = ds.row_series[r];
+        seqs.insert(s);
+        groups.insert(&ds.series[s as usize].group_id);
+    }
+    json!({"groups": groups.len(), "sequences": seqs.len(), "rows": rows.len()})
+}
+
 /// Statistics of one side of the split.
 fn side_report(ds: &Dataset, rows: &[usize], scores: &[f64], flags: &[[bool; 2]], with_auc: bool) -> Value {
     let n = rows.len();
@@ -173,8 +272,12 @@ fn side_report(ds: &Dataset, rows: &[usize], scores: &[f64], flags: &[[bool; 2]]
 
 fn fmt_side(name: &str, v: &Value) -> String {
     let f = |k: &str| v[k].as_f64().map_or("-".to_string(), |x| format!("{:.4}", x));
+    let sampled = match (v["scored_rows"].as_u64(), v["rows"].as_u64()) {
+        (Some(k), Some(n)) if k < n => format!(" (rates and quantiles of {k} sampled rows)"),
+        _ => String::new(),
+    };
     let mut s = format!(
-        "{name}: {} groups, {} sequences, {} rows; anomaly rate {} (bpm {}, uterus {}); score p01 {} p50 {} p99 {}",
+        "{name}: {} groups, {} sequences, {} rows; anomaly rate {}{sampled} (bpm {}, uterus {}); score p01 {} p50 {} p99 {}",
         v["groups"],
         v["sequences"],
         v["rows"],
@@ -219,7 +322,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let fc = feature_settings(&args)?;
     let t0 = Instant::now();
     let name = table::input_name(&input);
-    let ds = build_dataset(table::open(&input, args.join)?, &name, &fc)?;
+    let ds = if input.is_dir() {
+        build_dataset_from_dir(&input, args.join, &fc)?
+    } else {
+        build_dataset(table::open(&input, args.join)?, &name, &fc)?
+    };
     let t_features = t0.elapsed();
     if ds.n_rows() == 0 {
         bail!(
@@ -255,11 +362,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cols.iter().enumerate().filter(|(_, c)| c.starts_with(prefix)).map(|(i, _)| i as u32).collect()
     };
     let all: Vec<u32> = (0..w as u32).collect();
+    // The training rows that are scored: the per-signal offsets and the training side of
+    // the report come from them. All rows up to CALIBRATION_ROWS, else a seeded sample.
+    let calibration = calibration_sample(train_idx.len(), args.random_state);
+    let calibration_idx: Vec<usize> = calibration.iter().map(|&p| train_idx[p]).collect();
+    let calibration_rows = gather(&calibration_idx);
     let t1 = Instant::now();
-    let (joint, joint_train) = fit(&rows, &all, &params, 0);
+    let (joint, joint_train) = match params.contamination {
+        // scikit-learn's offset is a percentile of every training row's score
+        Contamination::Fraction(_) => {
+            let (spec, scores) = fit(&rows, &all, &params, 0);
+            (spec, calibration.iter().map(|&p| scores[p]).collect())
+        }
+        Contamination::Auto => fit_calibrated(&rows, &all, &params, 0, &calibration_rows),
+    };
     let signal_params = FitParams { contamination: Contamination::Fraction(args.flag_rate), ..params.clone() };
-    let (bpm, bpm_train) = fit(&rows, &signal_cols("bpm_"), &signal_params, 1);
-    let (uterus, uterus_train) = fit(&rows, &signal_cols("uterus_"), &signal_params, 2);
+    let (bpm, bpm_train) = fit_calibrated(&rows, &signal_cols("bpm_"), &signal_params, 1, &calibration_rows);
+    let (uterus, uterus_train) = fit_calibrated(&rows, &signal_cols("uterus_"), &signal_params, 2, &calibration_rows);
     let t_fit = t1.elapsed();
 
     let forests: [&ForestSpec; 3] = [&joint, &bpm, &uterus];
@@ -275,7 +394,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let val_flags: Vec<[bool; 2]> =
         val_ss[1].iter().zip(&val_ss[2]).map(|(b, u)| [b - bpm.offset < 0.0, u - uterus.offset < 0.0]).collect();
     let has_target = ds.series.iter().any(|s| s.target.is_some());
-    let train_report = side_report(&ds, &train_idx, &train_scores, &train_flags, false);
+    let mut train_report = side_report(&ds, &calibration_idx, &train_scores, &train_flags, false);
+    if calibration_idx.len() < train_idx.len() {
+        // Counts are of the whole training side; rates and quantiles of its scored sample.
+        let whole = side_counts(&ds, &train_idx);
+        for key in ["groups", "sequences", "rows"] {
+            train_report[key] = whole[key].clone();
+        }
+    }
+    train_report["scored_rows"] = json!(calibration_idx.len());
     let val_report = side_report(&ds, &val_idx, &val_scores, &val_flags, has_target);
     eprintln!(
         "fad train: {} rows read, {} scorable rows in {} sequences; {} train / {} validation groups; features {:.2}s, fit {:.2}s",
@@ -443,6 +570,33 @@ fn merge_json(base: &mut Value, top: Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_gives_the_rows_of_its_converted_table() {
+        for source in ["lct2025", "ctu-uhb"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample").join(source);
+            for join in [Join::Inner, Join::Outer] {
+                for fc in [FeatureConfig::default(), FeatureConfig::window_default()] {
+                    let mut table = Vec::new();
+                    crate::cmd::convert::write_table(&dir, join, false, &mut table).unwrap();
+                    let a = build_dataset(&table[..], "table", &fc).unwrap();
+                    let b = build_dataset_from_dir(&dir, join, &fc).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert!(a.n_rows() > 1000, "{source}: {} rows", a.n_rows());
+                    assert!(bits(&a.rows) == bits(&b.rows), "{source} {join:?}: feature rows differ");
+                    assert_eq!(a.row_series, b.row_series);
+                    assert_eq!((a.rows_read, &a.rejected), (b.rows_read, &b.rejected), "{source} {join:?}");
+                    let info = |d: &Dataset| {
+                        d.series
+                            .iter()
+                            .map(|s| (s.group_id.clone(), s.sequence_id.clone(), s.target.clone()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(info(&a), info(&b));
+                }
+            }
+        }
+    }
 
     #[test]
     fn auc_counts_ties_as_half() {
