@@ -93,7 +93,7 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     let mut start = 0;
     let bytes = line.as_bytes();
     // Commas are ASCII, so every cut is on a char boundary.
-    for end in (0..bytes.len()).filter(|&i| bytes[i] == b',').chain([bytes.len()]) {
+    for end in memchr::memchr_iter(b',', bytes).chain([bytes.len()]) {
         if n < 5 {
             f[n] = trim_field(&line[start..end]);
         }
