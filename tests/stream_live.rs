@@ -6,6 +6,7 @@ use common::*;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 fn ln_sfn(target: &Path, link: &Path) {
     let st = Command::new("ln").arg("-sfn").arg(target).arg(link).status().unwrap();
@@ -157,6 +158,33 @@ fn sigterm_and_sigint_save_the_state_and_end_as_the_signal_says() {
         assert_eq!(r[1], "ready:false,detection:,needed:23");
         assert!(String::from_utf8_lossy(&out.stderr).contains("restored 1 series"));
     }
+}
+
+#[test]
+fn sigterm_in_the_middle_of_a_long_file_stops_soon_not_at_its_end() {
+    let dir = scratch("term-file");
+    let feed = dir.join("feed.csv");
+    let lines_in = 2_000_000usize;
+    let text: String = (0..lines_in).map(|i| format!("{},140,10,g{},s\n", i / 100, i % 100)).collect();
+    std::fs::write(&feed, text).unwrap();
+    let mut live = Live::start(model(), &["--input", feed.to_str().unwrap()]);
+    live.reply(); // it is busy answering the file
+    live.signal(libc::SIGTERM);
+    let status = wait_with_patience(&mut live.child);
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    let (_, answered, _) = live.finish();
+    assert!(answered.len() < lines_in / 2, "{} of {lines_in} lines answered after SIGTERM", answered.len());
+}
+
+#[test]
+fn a_sighup_while_the_model_loads_does_not_kill_fad() {
+    let mut live = Live::start(model(), &[]);
+    std::thread::sleep(Duration::from_millis(2));
+    live.signal(libc::SIGHUP);
+    live.send("0,140,10,g,s\n");
+    assert_eq!(live.reply(), "ready:false,detection:,needed:23");
+    let (status, _, _) = live.finish();
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]

@@ -654,7 +654,7 @@ pub type Chunk = io::Result<Vec<u8>>;
 /// waits on the channel with a timeout and notices signals within [`POLL`] however quiet
 /// the feed is. The channel is bounded, so memory is too.
 pub fn spawn_reader<R: Read + Send + 'static>(mut input: R) -> Receiver<Chunk> {
-    let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+    let (tx, rx) = mpsc::sync_channel::<Chunk>(READ_AHEAD);
     std::thread::Builder::new()
         .name("fad-reader".into())
         .spawn(move || {
@@ -679,6 +679,9 @@ pub fn spawn_reader<R: Read + Send + 'static>(mut input: R) -> Receiver<Chunk> {
     rx
 }
 
+/// Chunks the reader thread may read ahead of the line machine.
+const READ_AHEAD: usize = 4;
+
 /// How long the loop waits for input before it looks at the signal flags again.
 pub const POLL: Duration = Duration::from_millis(50);
 
@@ -696,7 +699,10 @@ pub fn drive<W: Write>(
     loop {
         let stop = ctl.stop.load(Ordering::SeqCst);
         if stop != 0 {
-            while let Ok(chunk) = input.try_recv() {
+            // Answer what was already read (the channel holds at most READ_AHEAD chunks),
+            // not what the reader goes on reading from a file meanwhile.
+            for _ in 0..=READ_AHEAD {
+                let Ok(chunk) = input.try_recv() else { break };
                 if feed_chunk(stream, chunk)? {
                     break;
                 }
@@ -821,9 +827,10 @@ fn start_engine(args: &StreamArgs, model: Arc<Model>) -> Result<Engine> {
 }
 
 pub fn run(args: StreamArgs) -> Result<()> {
+    // Handlers first: a SIGHUP or SIGTERM while the model loads must not kill fad.
+    let ctl = Control::install()?;
     let model = Arc::new(Model::load(&args.model)?);
     let engine = start_engine(&args, model)?;
-    let ctl = Control::install()?;
     let input = match &args.input {
         Some(path) => {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
