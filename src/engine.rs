@@ -450,11 +450,16 @@ fn split_key(key: &[u8]) -> (String, String) {
     (text(&key[..cut]), text(key.get(cut + 1..).unwrap_or(&[])))
 }
 
+/// Seconds from 1970 to 9999-12-31T23:59:59Z: a larger |timestamp| is no time a monitor
+/// writes, and taken as one it would end its series (every later time "not after") and
+/// move the stream clock of --idle-timeout.
+const LATEST_TIME: f64 = 253_402_300_799.0;
+
 /// Parses a timestamp: seconds (integer or decimal, epoch or relative), or an ISO 8601 /
 /// RFC 3339 date-time; one without a zone is taken as UTC.
 pub fn parse_timestamp(text: &str) -> Option<f64> {
     if let Ok(v) = text.parse::<f64>() {
-        return v.is_finite().then_some(v);
+        return (v.abs() <= LATEST_TIME).then_some(v);
     }
     if !text.contains('-') {
         return None;
@@ -488,6 +493,10 @@ mod tests {
         assert_eq!(parse_timestamp("inf"), None);
         assert_eq!(parse_timestamp("yesterday"), None);
         assert_eq!(parse_timestamp(""), None);
+        // no time a monitor writes: it would end its series and move the stream clock
+        assert_eq!(parse_timestamp("1e308"), None);
+        assert_eq!(parse_timestamp("-1e12"), None);
+        assert_eq!(parse_timestamp("253402300799"), Some(253_402_300_799.0));
     }
 
     fn tiny_model() -> Arc<Model> {

@@ -25,6 +25,10 @@ pub struct FeatureConfig {
     pub bpm_valid_range: Option<[f64; 2]>,
     /// Uterine values below this are signal loss; `None` accepts any finite value.
     pub uterus_valid_min: Option<f64>,
+    /// Uterine values above this are artefacts (toco reads 0..100, CTU-UHB up to 127.5);
+    /// `None` accepts any finite value.
+    #[serde(default)]
+    pub uterus_valid_max: Option<f64>,
     /// A value of exactly 0 is lost signal (monitors write 0 when a transducer is off).
     #[serde(default)]
     pub zero_is_loss: bool,
@@ -181,6 +185,7 @@ impl FeatureConfig {
             kind: FeatureKind::Window { lags: vec![1, 2, 3, 6, 12, 24], roll_windows: vec![3, 6, 12] },
             bpm_valid_range: Some([50.0, 240.0]),
             uterus_valid_min: Some(0.0),
+            uterus_valid_max: Some(200.0),
             zero_is_loss: false,
             max_gap_s: Some(2.0),
         }
@@ -192,6 +197,7 @@ impl FeatureConfig {
             kind: FeatureKind::Window { lags, roll_windows },
             bpm_valid_range: None,
             uterus_valid_min: None,
+            uterus_valid_max: None,
             zero_is_loss: false,
             max_gap_s: None,
         }
@@ -206,6 +212,7 @@ impl Default for FeatureConfig {
             kind: FeatureKind::Filters(FilterParams::default()),
             bpm_valid_range: Some([50.0, 240.0]),
             uterus_valid_min: Some(0.0),
+            uterus_valid_max: Some(200.0),
             zero_is_loss: true,
             max_gap_s: Some(60.0),
         }
@@ -419,6 +426,7 @@ impl FeatureConfig {
         uterus.is_finite()
             && !(self.zero_is_loss && uterus == 0.0)
             && self.uterus_valid_min.is_none_or(|lo| uterus >= lo)
+            && self.uterus_valid_max.is_none_or(|hi| uterus <= hi)
     }
 
     /// Offers one sample to a series. Missing values are passed as NaN. On `Ready`, the
@@ -651,6 +659,8 @@ mod tests {
                 (f64::INFINITY, 5.0, Rejection::BpmSignalLoss),
                 (120.0, f64::NAN, Rejection::UterusSignalLoss),
                 (120.0, -1.0, Rejection::UterusSignalLoss),
+                (120.0, 1e308, Rejection::UterusSignalLoss),
+                (120.0, 200.5, Rejection::UterusSignalLoss),
             ] {
                 let before = s.clone();
                 assert_eq!(c.push(&mut s, 0.5, bpm, ut, &mut row), Pushed::Rejected { reason: why, needed });

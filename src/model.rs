@@ -49,7 +49,8 @@ pub struct Meta {
 
 /// Reads the feature settings of a model's config. Without `feature_set`, the config is
 /// the prototype's window features; keys the prototype did not have (`bpm_valid_range`,
-/// `uterus_valid_min`, `zero_is_loss`, `max_gap_s`) mean "no limit" when absent.
+/// `uterus_valid_min`, `uterus_valid_max`, `zero_is_loss`, `max_gap_s`) mean "no limit"
+/// when absent.
 pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
     fn list(config: &Value, key: &str, default: &[usize]) -> Result<Vec<usize>> {
         match config.get(key) {
@@ -80,6 +81,7 @@ pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
         kind,
         bpm_valid_range: opt(config, "bpm_valid_range")?,
         uterus_valid_min: opt(config, "uterus_valid_min")?,
+        uterus_valid_max: opt(config, "uterus_valid_max")?,
         zero_is_loss: opt(config, "zero_is_loss")?.unwrap_or(false),
         max_gap_s: opt(config, "max_gap_s")?,
     };
@@ -103,6 +105,7 @@ pub fn feature_config_json(fc: &FeatureConfig) -> serde_json::Map<String, Value>
     }
     m.insert("bpm_valid_range".into(), serde_json::json!(fc.bpm_valid_range));
     m.insert("uterus_valid_min".into(), serde_json::json!(fc.uterus_valid_min));
+    m.insert("uterus_valid_max".into(), serde_json::json!(fc.uterus_valid_max));
     m.insert("zero_is_loss".into(), fc.zero_is_loss.into());
     m.insert("max_gap_s".into(), serde_json::json!(fc.max_gap_s));
     m

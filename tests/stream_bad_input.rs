@@ -49,9 +49,14 @@ fn cases() -> Vec<(Vec<u8>, &'static str)> {
         (format!("35,140,10,{},s", "x".repeat(300)).into_bytes(), "error:id_too_long"),
         (b"".to_vec(), "error:empty_line"),
         (b"   ".to_vec(), "error:empty_line"),
-        // A huge uterus value is finite and not negative: a valid (if absurd) sample.
-        (b"35,140,1e308,g,s".to_vec(), "ready:true,detection:35,g,s,140,1e308,"),
+        // A huge uterus value is an artefact (above uterus_valid_max), not a sample.
+        (b"35,140,1e308,g,s".to_vec(), "needed:0,error:uterus_signal_loss"),
         (b"36,140,10,g,s".to_vec(), "ready:true,detection:36,g,s,140,10,"),
+        // A timestamp no monitor writes does not end the series.
+        (b"1e308,140,10,g,s".to_vec(), "needed:0,error:bad_timestamp"),
+        (b"37,140,10,g,s".to_vec(), "ready:true,detection:37,g,s,140,10,"),
+        // A C1 control character (CSI) in an id, as UTF-8.
+        ("37.5,140,10,g\u{9b}31m,s".as_bytes().to_vec(), "error:control_char_in_id"),
     ]
 }
 
@@ -81,9 +86,9 @@ fn every_nasty_line_gets_exactly_one_reply_saying_why() {
     assert!(summary.contains(&format!("{} lines", 30 + cases.len())), "{err}");
     for reason in [
         "wrong_field_count 3",
-        "bad_timestamp 4",
+        "bad_timestamp 5",
         "bpm_signal_loss 6",
-        "uterus_signal_loss 5",
+        "uterus_signal_loss 6",
         "timestamp_not_after_previous 2",
     ] {
         assert!(summary.contains(reason), "summary lacks {reason}: {summary}");

@@ -112,7 +112,7 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     }
     // Control characters in an id would be echoed into replies (a terminal escape, a
     // stray CR splitting a reply for a line-based consumer).
-    if key.0.bytes().chain(key.1.bytes()).any(|b| b.is_ascii_control()) {
+    if key.0.chars().chain(key.1.chars()).any(char::is_control) {
         return Parsed::Bad { reason: "control_char_in_id", key: None };
     }
     if key.0.is_empty() {

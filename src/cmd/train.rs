@@ -466,6 +466,8 @@ fn default_reasons() -> Value {
             state carried across pauses, 67 % of the flags on clean CTU-UHB samples fell within 5 s after a \
             pause, with it restarted 29 %",
         "bpm_valid_range": "[50, 240]: CTU-UHB keeps artefacts up to 293 bpm and LCT 2025 is clipped to 50..210",
+        "uterus_valid_max": "200: toco reads 0..100 (LCT 2025 at most 100, CTU-UHB 127.5); a larger value is an \
+            artefact, and one huge value would dominate the minutes-long filters of its series",
         "zero_is_loss": "true: CTU-UHB writes 0 for lost signal (18.6 % of heart-rate and 19.5 % of toco \
             samples); 0 is a transducer off, not a heart rate or a uterus at rest",
         "join": "inner: a sample needs both signals to be scored; --join outer keeps one-sided rows, which \
