@@ -179,7 +179,16 @@ fn sigterm_in_the_middle_of_a_long_file_stops_soon_not_at_its_end() {
 #[test]
 fn a_sighup_while_the_model_loads_does_not_kill_fad() {
     let mut live = Live::start(model(), &[]);
-    std::thread::sleep(Duration::from_millis(2));
+    // Until fad's main runs, the default action of SIGHUP would end any process; wait for
+    // the handler (SigCgt bit 0), which fad installs before it loads the model.
+    let status = format!("/proc/{}/status", live.child.id());
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&status).unwrap_or_default().lines().any(|l| {
+        l.strip_prefix("SigCgt:").and_then(|m| u64::from_str_radix(m.trim(), 16).ok()).is_some_and(|m| m & 1 == 1)
+    }) {
+        assert!(start.elapsed() < PATIENCE, "fad never caught SIGHUP");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     live.signal(libc::SIGHUP);
     live.send("0,140,10,g,s\n");
     assert_eq!(live.reply(), "ready:false,detection:,needed:23");
