@@ -101,7 +101,7 @@ class AnomalyService:
         self._finalizer = weakref.finalize(self, _shutdown, proc, 10.0)
         # fad answers a header line like any other: a reply proves the model loaded.
         try:
-            self._exchange(HEADER)
+            self._exchange(self._line_of(HEADER))
         except FadError:
             self.close()
             raise
@@ -139,14 +139,19 @@ class AnomalyService:
 
     @staticmethod
     def _line_of(msg):
-        if isinstance(msg, (bytes, bytearray)):
-            msg = bytes(msg).decode("utf-8", "replace")
+        """The message as the bytes of one line (without its end)."""
         if isinstance(msg, collections.abc.Mapping):
             msg = ",".join("" if msg.get(k) is None else str(msg.get(k)) for k in FIELDS)
-        elif not isinstance(msg, str):
-            raise TypeError(f"a message is a str line or a mapping, not {type(msg).__name__}")
-        msg = msg.rstrip("\r\n")
-        return msg.replace("\r", "\0").replace("\n", "\0")
+        if isinstance(msg, str):
+            # A lone surrogate becomes bytes that are not UTF-8, which fad answers with
+            # error:not_utf8, rather than an exception that looks like a dead co-process.
+            msg = msg.encode("utf-8", "surrogatepass")
+        elif isinstance(msg, (bytes, bytearray)):
+            msg = bytes(msg)
+        else:
+            raise TypeError(f"a message is a str or bytes line or a mapping, not {type(msg).__name__}")
+        msg = msg.rstrip(b"\r\n")
+        return msg.replace(b"\r", b"\0").replace(b"\n", b"\0")
 
     def _exchange(self, line):
         with self._lock:
@@ -156,7 +161,7 @@ class AnomalyService:
             if not self._finalizer.alive:
                 raise FadError("this AnomalyService is closed")
             try:
-                proc.stdin.write(line.encode("utf-8", "surrogateescape") + b"\n")
+                proc.stdin.write(line + b"\n")
                 proc.stdin.flush()
                 reply = proc.stdout.readline()
             except (BrokenPipeError, ValueError, OSError):

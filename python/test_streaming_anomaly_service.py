@@ -92,6 +92,17 @@ class ServiceTest(unittest.TestCase):
             # still in step: the next message gets its own reply
             self.assertEqual(svc.process_message("1,140,10,g,s"), "ready:false,detection:,needed:22")
 
+    def test_text_that_is_not_utf8_is_an_error_reply_not_a_dead_service(self):
+        with AnomalyService(MODEL, fad_path=FAD) as svc:
+            pid = svc._proc.pid
+            self.assertEqual(svc.process_message("0,140,10,g,s"), "ready:false,detection:,needed:23")
+            # a lone surrogate cannot be UTF-8; invalid bytes are not either
+            for msg in ("1,140,10,g\ud800,s", b"1,140,\xff,g,s"):
+                self.assertEqual(svc.process_message(msg), "ready:false,detection:,needed:24,error:not_utf8")
+            self.assertEqual(svc.process_message(b"1,140,10,g,s"), "ready:false,detection:,needed:22")
+            self.assertEqual(svc._proc.pid, pid)
+            self.assertIsNone(svc._proc.poll(), "the co-process is still alive")
+
     def test_close_ends_the_co_process(self):
         svc = AnomalyService(MODEL, fad_path=FAD)
         pid = svc.pid
