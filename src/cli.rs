@@ -255,9 +255,11 @@ pub struct StreamArgs {
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub horizon: Option<u64>,
     /// Co-process (run with `sh -c`) that forecasts the --horizon points: it reads one JSON
-    /// line per scored message, {"group_id", "sequence_id", "k", "history": {"timestamp",
-    /// "bpm", "uterus"}}, and answers one JSON line {"bpm": [K values], "uterus": [K
-    /// values]} (optionally "timestamp": [K times]; null for a value it cannot give).
+    /// line per scored message, {"id", "group_id", "sequence_id", "k", "history":
+    /// {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"bpm": [K values],
+    /// "uterus": [K values]} (optionally "timestamp": [K times] and the request's "id";
+    /// null for a value it cannot give). A line it writes unasked, or another request's
+    /// id, stops it (forecast_error:forecaster_out_of_step).
     #[arg(long, value_name = "CMD", requires = "horizon")]
     pub forecaster: Option<String>,
     /// Valid samples of history per series sent to the --forecaster.

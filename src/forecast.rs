@@ -4,16 +4,19 @@
 //! The co-process protocol is one JSON line each way per scored message. fad writes
 //!
 //! ```text
-//! {"group_id":"G","sequence_id":"S","k":3,"history":{"timestamp":[..],"bpm":[..],"uterus":[..]}}
+//! {"id":1,"group_id":"G","sequence_id":"S","k":3,"history":{"timestamp":[..],"bpm":[..],"uterus":[..]}}
 //! ```
 //!
 //! (history oldest first, the newest sample last) and reads back
 //!
 //! ```text
-//! {"bpm":[b1,b2,b3],"uterus":[u1,u2,u3]}              optionally "timestamp":[t1,t2,t3]
+//! {"id":1,"bpm":[b1,b2,b3],"uterus":[u1,u2,u3]}        optionally "timestamp":[t1,t2,t3]
 //! ```
 //!
 //! Without timestamps, the points follow the newest sample at its last sampling interval.
+//! The answer echoes the request's "id": an answer to another request (an extra line,
+//! a late one) means the two are out of step, and the co-process is stopped, whatever
+//! the timing. A line already waiting before a request is out of step too.
 
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,6 +36,8 @@ pub enum ForecastError {
     Timeout,
     /// An answer that is not the JSON the protocol asks for.
     BadAnswer(String),
+    /// Answers no longer pair with requests (an extra line, another request's id).
+    OutOfStep(String),
 }
 
 impl ForecastError {
@@ -41,6 +46,7 @@ impl ForecastError {
             ForecastError::Gone(_) => "forecaster_gone",
             ForecastError::Timeout => "forecaster_timeout",
             ForecastError::BadAnswer(_) => "forecaster_bad_answer",
+            ForecastError::OutOfStep(_) => "forecaster_out_of_step",
         }
     }
     pub fn detail(&self) -> String {
@@ -48,6 +54,9 @@ impl ForecastError {
             ForecastError::Gone(why) => format!("the forecaster is gone ({why})"),
             ForecastError::Timeout => "the forecaster did not answer in time; it was stopped".into(),
             ForecastError::BadAnswer(why) => format!("the forecaster's answer is not usable: {why}"),
+            ForecastError::OutOfStep(why) => {
+                format!("the forecaster's answers are out of step with the requests ({why}); it was stopped")
+            }
         }
     }
 }
@@ -59,9 +68,10 @@ pub fn hold(newest: [f64; 3], dt: f64, k: usize) -> Vec<[f64; 3]> {
 }
 
 /// The request line (without its newline) for a series' history.
-pub fn request(group_id: &str, sequence_id: &str, k: usize, history: &[[f64; 3]]) -> String {
+pub fn request(id: u64, group_id: &str, sequence_id: &str, k: usize, history: &[[f64; 3]]) -> String {
     let col = |i: usize| history.iter().map(|p| p[i]).collect::<Vec<f64>>();
     serde_json::json!({
+        "id": id,
         "group_id": group_id,
         "sequence_id": sequence_id,
         "k": k,
@@ -76,13 +86,18 @@ struct Answer {
     uterus: Vec<Option<f64>>,
     #[serde(default)]
     timestamp: Option<Vec<f64>>,
+    /// The request's id, echoed: it pairs answers with requests whatever the timing.
+    id: u64,
 }
 
 /// Reads an answer for `k` points after `newest` (sampled every `dt`). A `null` value is
 /// a missing one (the point is then not scored, like signal loss in the feed).
-pub fn parse_answer(line: &str, k: usize, newest: [f64; 3], dt: f64) -> Result<Vec<[f64; 3]>, ForecastError> {
+pub fn parse_answer(line: &str, id: u64, k: usize, newest: [f64; 3], dt: f64) -> Result<Vec<[f64; 3]>, ForecastError> {
     let a: Answer = serde_json::from_str(line).map_err(|e| ForecastError::BadAnswer(e.to_string()))?;
     let bad = |why: String| Err(ForecastError::BadAnswer(why));
+    if a.id != id {
+        return Err(ForecastError::OutOfStep(format!("an answer for request {} came to request {id}", a.id)));
+    }
     if a.bpm.len() != k || a.uterus.len() != k {
         return bad(format!(
             "{k} values per signal were asked for, {} bpm and {} uterus came",
@@ -115,6 +130,8 @@ pub struct Forecaster {
     timeout: Duration,
     /// Set once the co-process failed: every later request gets the same error at once.
     broken: Option<ForecastError>,
+    /// Id of the next request.
+    next_id: u64,
 }
 
 impl Forecaster {
@@ -156,7 +173,7 @@ impl Forecaster {
                 }
             }
         })?;
-        Ok(Forecaster { child, stdin, answers, timeout, broken: None })
+        Ok(Forecaster { child, stdin, answers, timeout, broken: None, next_id: 1 })
     }
 
     /// Asks for the `k` points after a series' history (its newest sample last).
@@ -172,10 +189,18 @@ impl Forecaster {
             return Err(e.clone());
         }
         let newest = *history.last().expect("a scored series has a newest sample");
-        let result = self
-            .exchange(&request(group_id, sequence_id, k, history))
-            .and_then(|line| parse_answer(line.trim_end_matches(['\n', '\r']), k, newest, dt));
-        if let Err(e @ (ForecastError::Gone(_) | ForecastError::Timeout)) = &result {
+        let id = self.next_id;
+        self.next_id += 1;
+        // A line that came unasked would be taken for the next answer, and every later
+        // answer would then belong to the message before it: stop trusting the co-process.
+        let result = match self.answers.try_recv() {
+            Ok(Ok(_)) => Err(ForecastError::OutOfStep("it wrote a line that no request asked for".into())),
+            Ok(Err(e)) => Err(ForecastError::Gone(e.to_string())),
+            Err(_) => self
+                .exchange(&request(id, group_id, sequence_id, k, history))
+                .and_then(|line| parse_answer(line.trim_end_matches(['\n', '\r']), id, k, newest, dt)),
+        };
+        if let Err(e @ (ForecastError::Gone(_) | ForecastError::Timeout | ForecastError::OutOfStep(_))) = &result {
             self.broken = Some(e.clone());
             self.stop();
         }
@@ -233,9 +258,10 @@ mod tests {
 
     #[test]
     fn requests_carry_the_history_by_column() {
-        let r = request("g", "s", 2, &[[0.0, 140.0, 10.0], [0.25, 141.0, 11.0]]);
+        let r = request(7, "g", "s", 2, &[[0.0, 140.0, 10.0], [0.25, 141.0, 11.0]]);
         let v: serde_json::Value = serde_json::from_str(&r).unwrap();
         assert_eq!(v["k"], 2);
+        assert_eq!(v["id"], 7);
         assert_eq!(v["history"]["bpm"], serde_json::json!([140.0, 141.0]));
         assert_eq!(v["history"]["timestamp"], serde_json::json!([0.0, 0.25]));
     }
@@ -243,33 +269,50 @@ mod tests {
     #[test]
     fn answers_are_checked() {
         let newest = [1.0, 140.0, 10.0];
-        let ok = parse_answer(r#"{"bpm":[141,142],"uterus":[11,null]}"#, 2, newest, 0.5).unwrap();
+        let ok = parse_answer(r#"{"id":1,"bpm":[141,142],"uterus":[11,null]}"#, 1, 2, newest, 0.5).unwrap();
         assert_eq!(ok[0], [1.5, 141.0, 11.0]);
         assert_eq!(ok[1][0], 2.0);
         assert!(ok[1][2].is_nan());
-        let timed = parse_answer(r#"{"bpm":[1],"uterus":[2],"timestamp":[7]}"#, 1, newest, 0.5).unwrap();
+        let timed = parse_answer(r#"{"bpm":[1],"uterus":[2],"timestamp":[7],"id":3}"#, 3, 1, newest, 0.5).unwrap();
         assert_eq!(timed, [[7.0, 1.0, 2.0]]);
         for bad in [
             "not json",
-            r#"{"bpm":[1],"uterus":[2]}"#,
-            r#"{"bpm":[1,2],"uterus":[2]}"#,
-            r#"{"bpm":[1,2],"uterus":[2,3],"timestamp":[0.5,3]}"#,
-            r#"{"bpm":["x",2],"uterus":[2,3]}"#,
+            r#"{"bpm":[1,2],"uterus":[2,3]}"#,
+            r#"{"id":1,"bpm":[1],"uterus":[2]}"#,
+            r#"{"id":1,"bpm":[1,2],"uterus":[2]}"#,
+            r#"{"id":1,"bpm":[1,2],"uterus":[2,3],"timestamp":[0.5,3]}"#,
+            r#"{"id":1,"bpm":["x",2],"uterus":[2,3]}"#,
         ] {
-            assert!(matches!(parse_answer(bad, 2, newest, 0.5), Err(ForecastError::BadAnswer(_))), "{bad}");
+            assert!(matches!(parse_answer(bad, 1, 2, newest, 0.5), Err(ForecastError::BadAnswer(_))), "{bad}");
         }
+        let other = parse_answer(r#"{"bpm":[1],"uterus":[2],"id":4}"#, 5, 1, newest, 0.5);
+        assert!(matches!(other, Err(ForecastError::OutOfStep(_))), "{other:?}");
+    }
+
+    /// A shell forecaster answering each request with `bpm`/`uterus` values and its id,
+    /// then `extra` (more shell commands, with $n the id).
+    fn shell_forecaster(extra: &str) -> String {
+        format!(
+            r#"while read l; do n=$(echo "$l" | sed 's/.*"id":\([0-9]*\),.*/\1/'); echo "{{\"id\":$n,\"bpm\":[150],\"uterus\":[20]}}"; {extra} done"#
+        )
     }
 
     #[test]
     fn a_co_process_answers_and_a_dead_one_is_reported_once_and_for_all() {
-        let mut f =
-            Forecaster::start(r#"while read l; do echo '{"bpm":[150],"uterus":[20]}'; done"#, Duration::from_secs(5))
-                .unwrap();
+        let mut f = Forecaster::start(&shell_forecaster(""), Duration::from_secs(5)).unwrap();
         let h = [[0.0, 140.0, 10.0], [0.25, 141.0, 11.0]];
         assert_eq!(f.ask("g", "s", 1, &h, 0.25).unwrap(), [[0.5, 150.0, 20.0]]);
+        assert_eq!(f.ask("g", "s", 1, &h, 0.25).unwrap(), [[0.5, 150.0, 20.0]], "the second request, id 2");
         let mut dead = Forecaster::start("exit 0", Duration::from_secs(5)).unwrap();
         assert!(matches!(dead.ask("g", "s", 1, &h, 0.25), Err(ForecastError::Gone(_))));
         assert!(matches!(dead.ask("g", "s", 1, &h, 0.25), Err(ForecastError::Gone(_))));
+        // Each answer written twice, the copy late: whenever it comes, it answers the
+        // request before, so the next request finds the two out of step.
+        let twice = shell_forecaster(r#"sleep 0.05; echo "{\"id\":$n,\"bpm\":[1],\"uterus\":[1]}";"#);
+        let mut chatty = Forecaster::start(&twice, Duration::from_secs(5)).unwrap();
+        assert_eq!(chatty.ask("g", "s", 1, &h, 0.25).unwrap(), [[0.5, 150.0, 20.0]]);
+        assert!(matches!(chatty.ask("g", "s", 1, &h, 0.25), Err(ForecastError::OutOfStep(_))));
+        assert!(matches!(chatty.ask("g", "s", 1, &h, 0.25), Err(ForecastError::OutOfStep(_))));
         let mut silent = Forecaster::start("sleep 30", Duration::from_millis(200)).unwrap();
         assert_eq!(silent.ask("g", "s", 1, &h, 0.25), Err(ForecastError::Timeout));
     }

@@ -111,3 +111,44 @@ fn forecaster_flags_need_a_horizon() {
     let out = fad().args(["stream", "--model"]).arg(model()).args(["--forecaster", "cat"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Shell that puts the request's id (in line `$l`) into `$n`, for test forecasters to echo.
+const ID_OF_REQUEST: &str = r#"n=$(echo "$l" | sed 's/.*"id":\([0-9]*\).*/\1/');"#;
+
+#[test]
+fn replies_that_need_no_forecast_do_not_wait_for_the_forecaster() {
+    // A forecaster that answers only once a file exists: until then, every reply that
+    // needs no forecast (the warm-up) must already be out, with stdin still open.
+    let flag = common::scratch("forecaster-gate").join("go");
+    let cmd = format!(
+        r#"while read l; do {ID} while [ ! -e '{}' ]; do sleep 0.02; done; echo "{{\"id\":$n,\"bpm\":[150],\"uterus\":[20]}}"; done"#,
+        flag.display(),
+        ID = ID_OF_REQUEST
+    );
+    let mut live =
+        common::Live::start(model(), &["--horizon", "1", "--forecaster", &cmd, "--forecaster-timeout", "60"]);
+    live.send(&feed(30));
+    let warm = live.replies(23);
+    assert!(warm.iter().all(|r| r.starts_with("ready:false")), "{warm:?}");
+    std::fs::write(&flag, "").unwrap();
+    let scored = live.replies(7);
+    assert!(scored.iter().all(|r| r.contains(",needed:0,forecast:")), "{scored:?}");
+    let (status, rest, _) = live.finish();
+    assert!(status.success() && rest.is_empty());
+}
+
+#[test]
+fn a_forecaster_that_writes_unasked_lines_is_stopped_not_followed_out_of_step() {
+    // Each answer is followed by a second one with the same id, that nobody asked for.
+    let cmd = format!(
+        r#"while read l; do {ID_OF_REQUEST} echo "{{\"id\":$n,\"bpm\":[150],\"uterus\":[20]}}"; echo "{{\"id\":$n,\"bpm\":[1],\"uterus\":[1]}}"; sleep 0.05; done"#
+    );
+    let (replies, err) = stream(&["--horizon", "1", "--forecaster", &cmd], &feed(30));
+    assert_eq!(replies.len(), 30);
+    let scored: Vec<&String> = replies.iter().filter(|r| r.starts_with("ready:true")).collect();
+    assert!(scored[0].contains(",needed:0,forecast:6/150/20/"), "{}", scored[0]);
+    // No later reply carries the unasked line's values as its forecast.
+    assert!(scored.iter().all(|r| !r.contains("/1/1/")), "{scored:?}");
+    assert!(scored.last().unwrap().ends_with(",forecast_error:forecaster_out_of_step"), "{scored:?}");
+    assert!(err.contains("out of step"), "{err}");
+}

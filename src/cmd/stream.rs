@@ -541,9 +541,23 @@ impl<W: Write> Stream<W> {
     /// Offers the lines of `self.lines` to the engine, scores the windows that filled in
     /// one batch, and writes one reply per line, in order.
     fn answer_lines(&mut self) -> io::Result<()> {
+        if self.horizon.as_ref().is_some_and(|h| h.forecaster.is_some()) {
+            // A forecaster may take its time: line by line, each reply flushed, so that
+            // no reply waits for the forecast of a later message.
+            for i in 0..self.lines.len() {
+                self.answer_batch(i..i + 1)?;
+                self.flush()?;
+            }
+            return Ok(());
+        }
+        self.answer_batch(0..self.lines.len())
+    }
+
+    /// Answers `self.lines[batch]` (see [`Stream::answer_lines`]).
+    fn answer_batch(&mut self, batch: Range<usize>) -> io::Result<()> {
         self.replies.clear();
         let warmup = self.engine.model().features.warmup();
-        for line in &self.lines {
+        for line in &self.lines[batch] {
             self.tally.lines += 1;
             let r = match line {
                 LineRef::Text(r) => r,

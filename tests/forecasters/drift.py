@@ -11,7 +11,7 @@ log = os.environ.get("FAD_TEST_LOG")  # each request's history length, one per l
 for line in sys.stdin:
     req = json.loads(line)
     k, h = req["k"], req["history"]
-    out = {}
+    out = {"id": req["id"]}  # echoed, so fad can pair the answer with its request
     for sig in ("bpm", "uterus"):
         xs = h[sig][-5:]
         step = (xs[-1] - xs[0]) / max(1, len(xs) - 1)
