@@ -801,7 +801,7 @@ impl<'a> Machine<'a> {
     }
 
     fn pairs(&self, items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.fail("an odd number of dict items");
         }
         Ok(items.chunks(2).map(|p| (p[0], p[1])).collect())

@@ -23,7 +23,7 @@ fn line(i: u64) -> (Vec<u8>, Kind) {
     let (t, k) = (i / SERIES, i % SERIES);
     let (g, s) = (k % 50, k);
     let (bpm, ut) = (110 + (i * 7 + k) % 60, (i * 3 + k) % 40);
-    if i % BAD_EVERY != 0 {
+    if !i.is_multiple_of(BAD_EVERY) {
         return (format!("{t},{bpm},{ut},grp-{g},seq-{s}\n").into_bytes(), Kind::Good);
     }
     match (i / BAD_EVERY) % 6 {
