@@ -29,6 +29,18 @@ FIELDS = ("timestamp", "bpm", "uterus", "group_id", "sequence_id")
 HEADER = ",".join(FIELDS)
 
 
+def _error_of(stderr_lines):
+    """The line of fad's stderr that says what went wrong: the last `error:` or `fad ...:`
+    line (a usage error ends with clap's usage text, not with the error), with clap's
+    `tip:` line if there is one; else the last line."""
+    lines = [s.strip() for s in stderr_lines if s.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(("error:", "fad ", "fad:")):
+            tips = [t for t in lines[i + 1:] if t.startswith("tip:")]
+            return "; ".join([lines[i]] + tips[:1])
+    return lines[-1] if lines else ""
+
+
 class FadError(RuntimeError):
     """fad could not be started, or its co-process has ended."""
 
@@ -178,7 +190,7 @@ class AnomalyService:
             code = self._proc.wait()
         self._stderr_thread.join(timeout=2)
         self._finalizer()
-        said = next((s for s in reversed(self._stderr) if s.strip()), "")
+        said = _error_of(list(self._stderr))
         detail = f": {said}" if said else ""
         self._dead = f"fad stream (model {self.model_dir}) ended with exit status {code}{detail}"
         return FadError(self._dead)

@@ -136,6 +136,13 @@ class ServiceTest(unittest.TestCase):
             AnomalyService(os.path.join(MODEL, "no-such-dir"), fad_path=FAD)
         self.assertIn("ended with exit status 1: fad: cannot read model metadata", str(cm.exception))
 
+    def test_a_bad_extra_argument_is_named_not_lost_behind_the_usage_text(self):
+        with self.assertRaises(FadError) as cm:
+            AnomalyService(MODEL, fad_path=FAD, extra_args=["--horizn", "3"])
+        said = str(cm.exception)
+        self.assertIn("ended with exit status 2: error: unexpected argument '--horizn'", said)
+        self.assertIn("tip: a similar argument exists: '--horizon'", said)
+
     def test_a_missing_binary_is_a_clear_error(self):
         with self.assertRaises(FadError) as cm:
             AnomalyService(MODEL, fad_path="/nonexistent/fad")
