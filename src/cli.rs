@@ -210,7 +210,8 @@ pub enum ReplyFormat {
 answers each with exactly one line: `ready:false,detection:,needed:N` while a series warms \
 up, `ready:true,detection:TS,GID,SID,BPM,UTERUS,BPM_ANOMALY,UTERUS_ANOMALY,SCORE,needed:0` \
 once it is scored, and `ready:false,detection:,needed:N,error:REASON` for a line that cannot \
-be scored. Replies are flushed whenever fad would wait for input, so `tail -f` gets its \
+be scored. Ids are at most 256 bytes, without commas or control characters. Replies are \
+flushed whenever fad would wait for input, so `tail -f` gets its \
 answers at once. A summary of rejected lines goes to stderr at the end.",
     after_help = "Examples:\n  tail -f feed.csv | fad stream --model artifacts\n  \
 fad convert data/ --as feed | fad stream --model artifacts | grep ready:true\n  \
@@ -242,9 +243,12 @@ pub struct StreamArgs {
     /// Also save the --state file every N input lines (at the next chunk boundary).
     #[arg(long, value_name = "N", requires = "state", value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
-    /// Keep at most N series in memory; the least recently used one is forgotten.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_series: Option<u64>,
+    /// Keep at most N series in memory; the least recently used one is forgotten (and
+    /// named on stderr). The default bounds memory near 60 MiB whatever the ids, far above
+    /// the monitors of any ward; raise it for more.
+    #[arg(long, value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_series: u64,
     /// Forget a series that got no valid sample for SECONDS of stream time (the latest
     /// timestamp seen in the feed, not the wall clock).
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
@@ -256,9 +260,9 @@ pub struct StreamArgs {
     pub horizon: Option<u64>,
     /// Co-process (run with `sh -c`) that forecasts the --horizon points: it reads one JSON
     /// line per scored message, {"id", "group_id", "sequence_id", "k", "history":
-    /// {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"bpm": [K values],
-    /// "uterus": [K values]} (optionally "timestamp": [K times] and the request's "id";
-    /// null for a value it cannot give). A line it writes unasked, or another request's
+    /// {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"id": the request's id,
+    /// "bpm": [K values], "uterus": [K values]} (optionally "timestamp": [K times]; null for
+    /// a value it cannot give). A line it writes unasked, or another request's
     /// id, stops it (forecast_error:forecaster_out_of_step).
     #[arg(long, value_name = "CMD", requires = "horizon")]
     pub forecaster: Option<String>,

@@ -74,13 +74,18 @@ fn a_million_distinct_ids_keep_rss_bounded() {
     };
     let bounded = peak(&["--max-series", "10000"]);
     let idle = peak(&["--idle-timeout", "30"]);
-    let unbounded = peak(&[]);
+    let by_default = peak(&[]);
+    let unbounded = peak(&["--max-series", "2000000"]);
     let _ = std::fs::remove_file(&feed);
     eprintln!(
-        "peak RSS for 1M distinct ids: --max-series 10000: {bounded} KiB, --idle-timeout 30: {idle} KiB, unbounded: {unbounded} KiB"
+        "peak RSS for 1M distinct ids: --max-series 10000: {bounded} KiB, --idle-timeout 30: {idle} KiB, \
+         default (--max-series 100000): {by_default} KiB, --max-series 2000000: {unbounded} KiB"
     );
     assert!(bounded < 40 * 1024, "--max-series 10000: {bounded} KiB");
     assert!(idle < 40 * 1024, "--idle-timeout 30: {idle} KiB");
+    // The default bound: 100,000 series at under 1 KiB each.
+    assert!(by_default < bounded + 100 * 1024, "default: {by_default} KiB");
+    assert!(unbounded > 2 * by_default, "the default bound made a difference: {unbounded} vs {by_default} KiB");
     // At most 1 KiB per live series beyond the model.
     assert!(unbounded < bounded + 1024 * 1024, "unbounded: {unbounded} KiB");
     assert!(unbounded > 4 * bounded, "the limit made the difference: {unbounded} vs {bounded} KiB");

@@ -815,7 +815,7 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
 /// Builds the engine, restoring --state when given.
 fn start_engine(args: &StreamArgs, model: Arc<Model>) -> Result<Engine> {
     let limits = Limits {
-        max_series: args.max_series.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        max_series: Some(usize::try_from(args.max_series).unwrap_or(usize::MAX)),
         idle_timeout: args.idle_timeout,
     };
     let mut engine = Engine::with_limits(Arc::clone(&model), limits);
