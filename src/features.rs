@@ -158,7 +158,7 @@ impl Default for FilterParams {
             burden_s: 600.0,
             sd_floor: 0.5,
             flat_cap_s: 600.0,
-            warmup: 40,
+            warmup: 120,
             settle_gap_s: Some(1.0),
         }
     }

@@ -460,8 +460,13 @@ fn default_reasons() -> Value {
             model reads a 4 Hz (CTU-UHB) and a 7.87 Hz (LCT 2025) monitor alike and sees minutes of context \
             for a few numbers per series; lags counted in samples would span 6 s at one rate and 3 s at the other",
         "max_gap_s": "60: LCT 2025 is fragmented (median unbroken stretch 1.9 s, pauses mostly under 2 s, \
-            18,394 pauses over 2 s); a 2 s limit with warm-up would leave 24 % of its valid samples unscored \
-            (CTU-UHB 7.6 %), 60 s leaves 2.2 % (0.6 %); past a minute the context is stale",
+            18,394 pauses over 2 s); with a 40-sample warm-up a 2 s limit would leave 24 % of its valid samples \
+            unscored (CTU-UHB 7.6 %), 60 s leaves 2.2 % (0.6 %); past a minute the context is stale",
+        "warmup": "120 samples (30 s at 4 Hz, 15 s at 7.87 Hz): with 40, the first 40 scored samples after a \
+            start were flagged 4-11 times as often as samples after 2 minutes (CTU-UHB bpm 2.2 %, uterus 3.5 %; \
+            LCT 2025 1.9 %, 4.0 %), the minute-long filters still unsettled; 120 brings that to 1.6 %, 2.8 % and \
+            0.9 %, 1.8 %, for 1.9 % (CTU-UHB) and 6.0 % (LCT 2025) of valid samples unscored instead of 0.6 % \
+            and 2.2 %",
         "settle_gap_s": "1: after lost signal monitors re-acquire at another level often; with the short-term \
             state carried across pauses, 67 % of the flags on clean CTU-UHB samples fell within 5 s after a \
             pause, with it restarted 29 %",
