@@ -362,7 +362,11 @@ impl<W: Write> ReplyWriter<W> {
                             "{sep}{t}/{bpm}/{uterus}/{}/{}/{}",
                             d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score
                         )?,
-                        None => write!(self.out, "{sep}{t}/{bpm}/{uterus}///")?,
+                        // A value the forecaster could not give is empty, like the flags.
+                        None => {
+                            let text = |v: f64| if v.is_finite() { v.to_string() } else { String::new() };
+                            write!(self.out, "{sep}{t}/{}/{}///", text(bpm), text(uterus))?
+                        }
                     }
                 }
                 ReplyFormat::Json => {
