@@ -1,6 +1,7 @@
 //! `fad convert`: a folder tree of recordings -> one merged table, or a live feed.
 
 use crate::cli::{ConvertArgs, ConvertOutput, Join};
+use crate::cmd::stream::{self, BadId, MAX_ID};
 use crate::data::{Merged, Pair, discover, merge_pair};
 use crate::progress;
 use anyhow::{Result, bail};
@@ -17,13 +18,12 @@ const BATCH: usize = 32;
 /// Writes the merged table of `dir` to `out`. Returns the number of rows. Bad files are
 /// an error, or with `skip_bad` named on stderr and left out.
 pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) -> Result<u64> {
-    let found = discover(dir)?;
-    report_unpaired(&found.unpaired);
+    let pairs = usable_pairs(dir)?;
     writeln!(out, "{TABLE_HEADER}")?;
-    let bar = progress::bar(found.pairs.len() as u64, "converting");
+    let bar = progress::bar(pairs.len() as u64, "converting");
     let mut rows = 0u64;
     let mut skipped = 0usize;
-    for batch in found.pairs.chunks(BATCH) {
+    for batch in pairs.chunks(BATCH) {
         let rendered: Vec<Result<(Vec<u8>, u64)>> = batch.par_iter().map(|p| render_pair(p, join)).collect();
         for (pair, r) in batch.iter().zip(rendered) {
             match r {
@@ -32,7 +32,7 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
                     rows += n;
                 }
                 Err(e) if skip_bad => {
-                    eprintln!("fad convert: skipped {}: {e:#}", pair.stem);
+                    warn(&format!("skipped {}: {e:#}", pair.stem));
                     skipped += 1;
                 }
                 Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
@@ -42,17 +42,61 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
     }
     bar.finish_and_clear();
     if skipped > 0 {
-        eprintln!("fad convert: {skipped} malformed file pair(s) skipped");
+        warn(&format!("{skipped} malformed file pair(s) skipped"));
     }
     Ok(rows)
 }
 
-pub fn report_unpaired(unpaired: &[std::path::PathBuf]) {
+/// The pairs of `dir` whose files are read. Files without a partner, and pairs whose
+/// folder or file names cannot make ids, are named on stderr and left out.
+pub fn usable_pairs(dir: &Path) -> Result<Vec<Pair>> {
+    let found = discover(dir)?;
+    report_unpaired(&found.unpaired);
+    let mut pairs = Vec::with_capacity(found.pairs.len());
+    let mut refused = 0usize;
+    for pair in found.pairs {
+        match id_problem(&pair) {
+            None => pairs.push(pair),
+            Some(why) => {
+                warn(&format!("skipped {}: {why}", pair.bpm.display()));
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        warn(&format!("{refused} file pair(s) with unusable ids left out"));
+    }
+    Ok(pairs)
+}
+
+/// Why a pair's group id (`<class>-<folder>`) or sequence id (the bpm file's stem) cannot
+/// be written: the ids `fad stream` refuses, and a comma or double quote, which would
+/// break the CSV fields of the table and of stream messages.
+fn id_problem(pair: &Pair) -> Option<String> {
+    for (what, id) in [("group id", pair.group_id()), ("sequence id", pair.stem.clone())] {
+        let why = match stream::bad_id(&id) {
+            Some(bad @ BadId::TooLong) => format!("is longer than {MAX_ID} bytes ({})", bad.reason()),
+            Some(bad @ BadId::ControlChar) => format!("has a control character ({})", bad.reason()),
+            None if id.contains(',') => "has a comma, which would split its CSV field".into(),
+            None if id.contains('"') => "has a double quote, which would break its CSV field".into(),
+            None => continue,
+        };
+        return Some(format!("its {what} {id:?} {why}"));
+    }
+    None
+}
+
+/// A warning on stderr, control characters (from file names) escaped.
+fn warn(text: &str) {
+    eprintln!("fad convert: {}", crate::escape_controls(text));
+}
+
+fn report_unpaired(unpaired: &[std::path::PathBuf]) {
     for p in unpaired {
-        eprintln!("fad convert: no partner for {}", p.display());
+        warn(&format!("no partner for {}", p.display()));
     }
     if !unpaired.is_empty() {
-        eprintln!("fad convert: {} unpaired file(s) left out", unpaired.len());
+        warn(&format!("{} unpaired file(s) left out", unpaired.len()));
     }
 }
 
@@ -77,11 +121,10 @@ fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
 
 /// Writes every pair as stream messages merged in timestamp order, optionally paced.
 fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out: &mut dyn Write) -> Result<()> {
-    let found = discover(dir)?;
-    report_unpaired(&found.unpaired);
-    let bar = progress::bar(found.pairs.len() as u64, "reading");
+    let pairs = usable_pairs(dir)?;
+    let bar = progress::bar(pairs.len() as u64, "reading");
     let merged: Vec<(usize, Result<Merged>)> =
-        found.pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
+        pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
     // (time, pair index, row index) for a global, deterministic timestamp order
     let mut order: Vec<(f64, u32, u32)> = Vec::new();
     let mut tables: Vec<Merged> = Vec::with_capacity(merged.len());
@@ -89,7 +132,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
         let rows = match r {
             Ok(rows) => rows,
             Err(e) if skip_bad => {
-                eprintln!("fad convert: skipped {}: {e:#}", found.pairs[i].stem);
+                warn(&format!("skipped {}: {e:#}", pairs[i].stem));
                 Merged::default()
             }
             Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
@@ -103,7 +146,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
     bar.finish_and_clear();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     // ",<group>,<sequence>\n" of every pair
-    let tails: Vec<String> = found.pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
+    let tails: Vec<String> = pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
     let start = Instant::now();
     let t0 = order.first().map_or(0.0, |o| o.0);
     for &(t, i, j) in &order {

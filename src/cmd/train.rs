@@ -114,8 +114,7 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
         }
         Ok((rows, merged.len() as u64, rejected))
     };
-    let found = crate::data::discover(dir)?;
-    crate::cmd::convert::report_unpaired(&found.unpaired);
+    let pairs = crate::cmd::convert::usable_pairs(dir)?;
     let w = fc.n_features();
     let mut ds = Dataset {
         n_features: w,
@@ -126,7 +125,7 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
         rejected: BTreeMap::new(),
     };
     // In batches, so that only one batch of pairs is held twice.
-    for batch in found.pairs.chunks(64) {
+    for batch in pairs.chunks(64) {
         let done: Vec<Result<PairRows>> = batch.par_iter().map(pair_rows).collect();
         for (pair, result) in batch.iter().zip(done) {
             let (rows, read, rejected) = result?;
