@@ -78,3 +78,44 @@ fn names_that_cannot_be_ids_are_skipped_with_a_warning() {
     assert_eq!(direct.status.code(), Some(0), "{}", text(&direct.stderr));
     assert_eq!(direct.stdout, scored.stdout);
 }
+
+#[test]
+fn a_directory_without_recordings_is_an_error_naming_it() {
+    let empty = scratch("no-recordings");
+    let only_unpaired = scratch("only-unpaired").join("data");
+    std::fs::create_dir_all(only_unpaired.join("regular/1/bpm")).unwrap();
+    std::fs::write(only_unpaired.join("regular/1/bpm/x_1.csv"), "time_sec,value\n0,140\n").unwrap();
+    // One level too deep, a source folder, an empty one, one with a bpm file only.
+    for dir in [repo().join("data/sample/lct2025/hypoxia"), repo().join("src"), empty, only_unpaired] {
+        let out = fad().arg("convert").arg(&dir).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", dir.display());
+        assert!(out.stdout.is_empty(), "{}: {}", dir.display(), text(&out.stdout));
+        let last = err.lines().last().unwrap_or("");
+        assert!(last.starts_with(&format!("fad: {} holds no recordings", dir.display())), "{last}");
+        assert!(last.contains("<class>/<folder>/bpm/<stem>_1.csv"), "{last}");
+        // A class folder given instead of the data directory is recognised as such.
+        assert_eq!(last.contains("looks like one class folder"), dir.ends_with("hypoxia"), "{last}");
+        // score and train say the same.
+        let out = fad().args(["score", "--model"]).arg(model()).arg(&dir).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains("holds no recordings"), "{}", text(&out.stderr));
+        let out = fad().arg("train").arg(&dir).arg("--out-dir").arg(scratch("no-recordings-model")).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains("holds no recordings"), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn csv_extensions_are_found_in_any_case() {
+    let root = scratch("upper-case").join("data");
+    recording(&root, "regular", "1", "r", 30);
+    let rec = root.join("regular/1");
+    std::fs::rename(rec.join("bpm/r_1.csv"), rec.join("bpm/r_1.CSV")).unwrap();
+    std::fs::rename(rec.join("uterus/r_2.csv"), rec.join("uterus/r_2.Csv")).unwrap();
+    let out = fad().arg("convert").arg(&root).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 31, "{stdout}");
+    assert!(stdout.lines().nth(1).unwrap().starts_with("0.25,regular-1,r_1,130,10,regular"), "{stdout}");
+}

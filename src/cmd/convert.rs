@@ -48,10 +48,25 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
 }
 
 /// The pairs of `dir` whose files are read. Files without a partner, and pairs whose
-/// folder or file names cannot make ids, are named on stderr and left out.
+/// folder or file names cannot make ids, are named on stderr and left out. A directory
+/// without any pair is an error.
 pub fn usable_pairs(dir: &Path) -> Result<Vec<Pair>> {
     let found = discover(dir)?;
     report_unpaired(&found.unpaired);
+    if found.pairs.is_empty() {
+        // Given one level too deep, DIR holds <folder>/bpm/ itself.
+        let class_folder = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("bpm").is_dir() || e.path().join("uterus").is_dir());
+        let hint = if class_folder { "; it looks like one class folder: give the folder above it" } else { "" };
+        bail!(
+            "{} holds no recordings: expected <class>/<folder>/bpm/<stem>_1.csv files (or _3) below it, \
+             each with its partner <class>/<folder>/uterus/<stem>_2.csv (or _4){hint}",
+            dir.display()
+        );
+    }
     let mut pairs = Vec::with_capacity(found.pairs.len());
     let mut refused = 0usize;
     for pair in found.pairs {
