@@ -119,3 +119,57 @@ fn csv_extensions_are_found_in_any_case() {
     assert_eq!(stdout.lines().count(), 31, "{stdout}");
     assert!(stdout.lines().nth(1).unwrap().starts_with("0.25,regular-1,r_1,130,10,regular"), "{stdout}");
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn score_and_train_take_skip_bad_for_a_data_directory_and_warn_in_their_own_name() {
+    let root = scratch("skip-bad").join("data");
+    copy_tree(&repo().join("data/sample/ctu-uhb"), &root);
+    recording(&root, "regular", "9", "bad", 30);
+    std::fs::write(root.join("regular/9/bpm/bad_1.csv"), "time_sec,value\n0,140\n1,abc\n").unwrap();
+    std::fs::write(root.join("regular/9/bpm/lonely_1.csv"), "time_sec,value\n0,140\n").unwrap();
+    let model_dir = scratch("skip-bad-model").join("m");
+    let train = |extra: &[&str]| {
+        let _ = std::fs::remove_dir_all(&model_dir);
+        fad()
+            .args(["train", "--n-estimators", "5", "--out-dir"])
+            .arg(&model_dir)
+            .arg(&root)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let score = |extra: &[&str]| fad().args(["score", "--model"]).arg(model()).arg(&root).args(extra).output().unwrap();
+
+    for (command, out) in [("score", score(&[])), ("train", train(&[]))] {
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        let last = err.lines().last().unwrap();
+        assert!(last.contains("regular/9/bpm/bad_1.csv line 3, field value") && last.contains("--skip-bad"), "{last}");
+        assert!(err.contains(&format!("fad {command}: no partner for")), "{command}: {err}");
+        assert!(!err.contains("fad convert"), "{command}: {err}");
+    }
+    for (command, out) in [("score", score(&["--skip-bad"])), ("train", train(&["--skip-bad"]))] {
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{command}: {err}");
+        assert!(err.contains(&format!("fad {command}: skipped bad_1: ")), "{command}: {err}");
+        assert!(err.contains(&format!("fad {command}: 1 malformed file pair(s) skipped")), "{command}: {err}");
+        assert!(!err.contains("fad convert"), "{command}: {err}");
+    }
+    // What is left is the sample: the same rows as scoring it.
+    let sample =
+        fad().args(["score", "--model"]).arg(model()).arg(repo().join("data/sample/ctu-uhb")).output().unwrap();
+    assert_eq!(sample.status.code(), Some(0));
+    assert_eq!(score(&["--skip-bad"]).stdout, sample.stdout);
+}

@@ -16,9 +16,10 @@ pub const TABLE_HEADER: &str = "timestamp,group_id,sequence_id,bpm,uterus,target
 const BATCH: usize = 32;
 
 /// Writes the merged table of `dir` to `out`. Returns the number of rows. Bad files are
-/// an error, or with `skip_bad` named on stderr and left out.
-pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) -> Result<u64> {
-    let pairs = usable_pairs(dir)?;
+/// an error, or with `skip_bad` named on stderr and left out. Warnings on stderr are
+/// prefixed `fad <command>:`.
+pub fn write_table(dir: &Path, join: Join, skip_bad: bool, command: &str, out: &mut dyn Write) -> Result<u64> {
+    let pairs = usable_pairs(dir, command)?;
     writeln!(out, "{TABLE_HEADER}")?;
     let bar = progress::bar(pairs.len() as u64, "converting");
     let mut rows = 0u64;
@@ -32,27 +33,35 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
                     rows += n;
                 }
                 Err(e) if skip_bad => {
-                    warn(&format!("skipped {}: {e:#}", pair.stem));
+                    warn(command, &format!("skipped {}: {e:#}", pair.stem));
                     skipped += 1;
                 }
-                Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+                Err(e) => return Err(e.context(SKIP_BAD_HINT)),
             }
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    if skipped > 0 {
-        warn(&format!("{skipped} malformed file pair(s) skipped"));
-    }
+    report_skipped(command, skipped);
     Ok(rows)
+}
+
+/// The context of a malformed file's error, for every command that takes `--skip-bad`.
+pub const SKIP_BAD_HINT: &str = "use --skip-bad to leave bad files out";
+
+/// The count at the end of the files `--skip-bad` left out.
+pub fn report_skipped(command: &str, skipped: usize) {
+    if skipped > 0 {
+        warn(command, &format!("{skipped} malformed file pair(s) skipped"));
+    }
 }
 
 /// The pairs of `dir` whose files are read. Files without a partner, and pairs whose
 /// folder or file names cannot make ids, are named on stderr and left out. A directory
 /// without any pair is an error.
-pub fn usable_pairs(dir: &Path) -> Result<Vec<Pair>> {
+pub fn usable_pairs(dir: &Path, command: &str) -> Result<Vec<Pair>> {
     let found = discover(dir)?;
-    report_unpaired(&found.unpaired);
+    report_unpaired(command, &found.unpaired);
     if found.pairs.is_empty() {
         // Given one level too deep, DIR holds <folder>/bpm/ itself.
         let class_folder = std::fs::read_dir(dir)
@@ -73,13 +82,13 @@ pub fn usable_pairs(dir: &Path) -> Result<Vec<Pair>> {
         match id_problem(&pair) {
             None => pairs.push(pair),
             Some(why) => {
-                warn(&format!("skipped {}: {why}", pair.bpm.display()));
+                warn(command, &format!("skipped {}: {why}", pair.bpm.display()));
                 refused += 1;
             }
         }
     }
     if refused > 0 {
-        warn(&format!("{refused} file pair(s) with unusable ids left out"));
+        warn(command, &format!("{refused} file pair(s) with unusable ids left out"));
     }
     Ok(pairs)
 }
@@ -101,17 +110,17 @@ fn id_problem(pair: &Pair) -> Option<String> {
     None
 }
 
-/// A warning on stderr, control characters (from file names) escaped.
-fn warn(text: &str) {
-    eprintln!("fad convert: {}", crate::escape_controls(text));
+/// A warning of `fad <command>` on stderr, control characters (from file names) escaped.
+pub fn warn(command: &str, text: &str) {
+    eprintln!("fad {command}: {}", crate::escape_controls(text));
 }
 
-fn report_unpaired(unpaired: &[std::path::PathBuf]) {
+fn report_unpaired(command: &str, unpaired: &[std::path::PathBuf]) {
     for p in unpaired {
-        warn(&format!("no partner for {}", p.display()));
+        warn(command, &format!("no partner for {}", p.display()));
     }
     if !unpaired.is_empty() {
-        warn(&format!("{} unpaired file(s) left out", unpaired.len()));
+        warn(command, &format!("{} unpaired file(s) left out", unpaired.len()));
     }
 }
 
@@ -136,7 +145,7 @@ fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
 
 /// Writes every pair as stream messages merged in timestamp order, optionally paced.
 fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out: &mut dyn Write) -> Result<()> {
-    let pairs = usable_pairs(dir)?;
+    let pairs = usable_pairs(dir, "convert")?;
     let bar = progress::bar(pairs.len() as u64, "reading");
     let merged: Vec<(usize, Result<Merged>)> =
         pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
@@ -147,10 +156,10 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
         let rows = match r {
             Ok(rows) => rows,
             Err(e) if skip_bad => {
-                warn(&format!("skipped {}: {e:#}", pairs[i].stem));
+                warn("convert", &format!("skipped {}: {e:#}", pairs[i].stem));
                 Merged::default()
             }
-            Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+            Err(e) => return Err(e.context(SKIP_BAD_HINT)),
         };
         for j in 0..rows.len() {
             order.push((rows.time(j), i as u32, j as u32));
@@ -198,9 +207,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
     match args.output {
         ConvertOutput::Table => {
-            write_table(&args.data_dir, args.join, args.skip_bad, &mut out)?;
+            write_table(&args.data_dir, args.join, args.bad_files.skip_bad, "convert", &mut out)?;
         }
-        ConvertOutput::Feed => write_feed(&args.data_dir, args.join, args.skip_bad, args.realtime, &mut out)?,
+        ConvertOutput::Feed => write_feed(&args.data_dir, args.join, args.bad_files.skip_bad, args.realtime, &mut out)?,
     }
     out.flush()?;
     Ok(())
