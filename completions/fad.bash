@@ -177,7 +177,7 @@ _fad() {
             return 0
             ;;
         fad__subcmd__score)
-            opts="-h --model --all --with-features --n-jobs --join --help"
+            opts="-h --model --all --with-features --n-jobs --join --skip-bad --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -261,7 +261,7 @@ _fad() {
             return 0
             ;;
         fad__subcmd__train)
-            opts="-h --input-csv --from-pickle --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --features --feature-config --flag-rate --train-class --help"
+            opts="-h --input-csv --from-pickle --out-dir --force --n-estimators --max-samples --contamination --max-features --val-size --random-state --n-jobs --join --skip-bad --features --feature-config --flag-rate --train-class --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -36,7 +36,7 @@ outer\t'Every timestamp of either file; the missing value is left empty'"
 complete -c fad -n "__fish_fad_using_subcommand convert" -l as -d 'Output: the merged table, or stream messages for `fad stream`' -r -f -a "table\t'The merged table: timestamp,group_id,sequence_id,bpm,uterus,target'
 feed\t'Stream messages (timestamp,bpm,uterus,group_id,sequence_id) in timestamp order'"
 complete -c fad -n "__fish_fad_using_subcommand convert" -l realtime -d 'With --as feed: pace messages by their timestamps (1 = real time, 10 = ten times faster)' -r
-complete -c fad -n "__fish_fad_using_subcommand convert" -l skip-bad -d 'Skip malformed files (named on stderr) instead of stopping with an error'
+complete -c fad -n "__fish_fad_using_subcommand convert" -l skip-bad -d 'Skip malformed files of a data directory (named on stderr) instead of stopping with an error'
 complete -c fad -n "__fish_fad_using_subcommand convert" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand train" -l input-csv -d 'The prototype\'s spelling of INPUT' -r -F
 complete -c fad -n "__fish_fad_using_subcommand train" -l from-pickle -d 'Convert the scikit-learn model in DIR (model_if.pkl + the prototype\'s meta.json) into fad\'s artifacts instead of training' -r -F
@@ -56,6 +56,7 @@ complete -c fad -n "__fish_fad_using_subcommand train" -l feature-config -d 'JSO
 complete -c fad -n "__fish_fad_using_subcommand train" -l flag-rate -d 'Share of training samples each per-signal forest flags: its offset is that percentile of its training scores (bpm_anomaly, uterus_anomaly)' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l train-class -d 'Fit the forests on training groups of this class only (e.g. regular); the validation report still covers every class' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l force -d 'Replace a non-empty --out-dir'
+complete -c fad -n "__fish_fad_using_subcommand train" -l skip-bad -d 'Skip malformed files of a data directory (named on stderr) instead of stopping with an error'
 complete -c fad -n "__fish_fad_using_subcommand train" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand score" -l model -d 'Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl)' -r -F
 complete -c fad -n "__fish_fad_using_subcommand score" -l n-jobs -d 'Worker threads (default: all cores)' -r
@@ -63,6 +64,7 @@ complete -c fad -n "__fish_fad_using_subcommand score" -l join -d 'With a data d
 outer\t'Every timestamp of either file; the missing value is left empty'"
 complete -c fad -n "__fish_fad_using_subcommand score" -l all -d 'Also write rows that were not scored (warm-up, signal loss), with empty result fields'
 complete -c fad -n "__fish_fad_using_subcommand score" -l with-features -d 'Also write the model\'s feature columns (meta.json feature_cols) after the result'
+complete -c fad -n "__fish_fad_using_subcommand score" -l skip-bad -d 'Skip malformed files of a data directory (named on stderr) instead of stopping with an error'
 complete -c fad -n "__fish_fad_using_subcommand score" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand stream" -l model -d 'Artifacts directory (meta.json plus forest files, or a scikit-learn model_if.pkl)' -r -F
 complete -c fad -n "__fish_fad_using_subcommand stream" -l format -d 'Reply format' -r -f -a "text\t'ready:...,detection:...,needed:N'

@@ -68,7 +68,16 @@ pub struct ConvertArgs {
     /// With --as feed: pace messages by their timestamps (1 = real time, 10 = ten times faster).
     #[arg(long, value_name = "FACTOR")]
     pub realtime: Option<f64>,
-    /// Skip malformed files (named on stderr) instead of stopping with an error.
+    #[command(flatten)]
+    pub bad_files: BadFiles,
+}
+
+/// What to do with a malformed file of a data directory; convert, and train and score
+/// given a directory, take it.
+#[derive(Args, Debug)]
+pub struct BadFiles {
+    /// Skip malformed files of a data directory (named on stderr) instead of stopping with
+    /// an error.
     #[arg(long)]
     pub skip_bad: bool,
 }
@@ -104,7 +113,7 @@ pub struct TrainArgs {
         value_name = "DIR",
         conflicts_with_all = [
             "input", "input_csv", "n_estimators", "max_samples", "contamination", "max_features", "val_size",
-            "random_state", "join", "features", "feature_config", "flag_rate", "train_class",
+            "random_state", "join", "skip_bad", "features", "feature_config", "flag_rate", "train_class",
         ]
     )]
     pub from_pickle: Option<PathBuf>,
@@ -138,6 +147,8 @@ pub struct TrainArgs {
     /// With a data directory as INPUT: how bpm and uterus rows are matched.
     #[arg(long, value_enum, default_value_t = Join::Inner)]
     pub join: Join,
+    #[command(flatten)]
+    pub bad_files: BadFiles,
     /// Feature set: fad's time-based filters, or the prototype's lag/rolling window.
     #[arg(long, value_enum, default_value_t = FeatureSet::Filters, value_name = "SET")]
     pub features: FeatureSet,
@@ -193,6 +204,8 @@ pub struct ScoreArgs {
     /// With a data directory as INPUT: how bpm and uterus rows are matched.
     #[arg(long, value_enum, default_value_t = Join::Inner)]
     pub join: Join,
+    #[command(flatten)]
+    pub bad_files: BadFiles,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -95,7 +95,7 @@ pub fn discover(dir: &Path) -> Result<Discovery> {
             continue;
         }
         let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("csv") {
+        if !path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
             continue;
         }
         let comps: Vec<String> = path

@@ -45,3 +45,18 @@ pub fn set_threads(n: usize) -> anyhow::Result<()> {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     Ok(())
 }
+
+/// Text from input files (ids, column names, globals of a pickle, file names) can reach a
+/// message on stderr; control characters in it are escaped, so that the message stays one
+/// line and cannot move the cursor or colour the terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        assert_eq!(super::escape_controls("column a\nfad: x \u{1b}[2J ok é"), "column a\\nfad: x \\u{1b}[2J ok é");
+    }
+}

@@ -28,21 +28,6 @@ fn exit_code_for(e: &anyhow::Error) -> ExitCode {
     if broken_pipe {
         return ExitCode::SUCCESS;
     }
-    eprintln!("fad: {}", escape_controls(&format!("{e:#}")));
+    eprintln!("fad: {}", fad::escape_controls(&format!("{e:#}")));
     if e.chain().any(|c| c.downcast_ref::<UsageError>().is_some()) { ExitCode::from(2) } else { ExitCode::from(1) }
-}
-
-/// Text from input files (ids, column names, globals of a pickle) can reach an error
-/// message; control characters in it are escaped, so that the message stays one line and
-/// cannot move the cursor or colour the terminal.
-fn escape_controls(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn control_characters_in_messages_are_escaped() {
-        assert_eq!(super::escape_controls("column a\nfad: x \u{1b}[2J ok é"), "column a\\nfad: x \\u{1b}[2J ok é");
-    }
 }

@@ -113,14 +113,15 @@ pub fn input_name(path: &Path) -> String {
     if path.as_os_str() == "-" { "<stdin>".to_string() } else { path.display().to_string() }
 }
 
-/// Opens `path` as a merged table: `-` is stdin, a directory is converted in memory.
-pub fn open(path: &Path, join: Join) -> Result<Box<dyn Read>> {
+/// Opens `path` as a merged table: `-` is stdin, a directory is converted in memory (its
+/// warnings and `--skip-bad` those of `fad <command>`).
+pub fn open(path: &Path, join: Join, skip_bad: bool, command: &str) -> Result<Box<dyn Read>> {
     if path.as_os_str() == "-" {
         return Ok(Box::new(std::io::stdin()));
     }
     if path.is_dir() {
         let mut buf = Vec::new();
-        crate::cmd::convert::write_table(path, join, false, &mut buf)?;
+        crate::cmd::convert::write_table(path, join, skip_bad, command, &mut buf)?;
         return Ok(Box::new(std::io::Cursor::new(buf)));
     }
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

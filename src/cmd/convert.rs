@@ -1,6 +1,7 @@
 //! `fad convert`: a folder tree of recordings -> one merged table, or a live feed.
 
 use crate::cli::{ConvertArgs, ConvertOutput, Join};
+use crate::cmd::stream::{self, BadId, MAX_ID};
 use crate::data::{Merged, Pair, discover, merge_pair};
 use crate::progress;
 use anyhow::{Result, bail};
@@ -15,15 +16,15 @@ pub const TABLE_HEADER: &str = "timestamp,group_id,sequence_id,bpm,uterus,target
 const BATCH: usize = 32;
 
 /// Writes the merged table of `dir` to `out`. Returns the number of rows. Bad files are
-/// an error, or with `skip_bad` named on stderr and left out.
-pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) -> Result<u64> {
-    let found = discover(dir)?;
-    report_unpaired(&found.unpaired);
+/// an error, or with `skip_bad` named on stderr and left out. Warnings on stderr are
+/// prefixed `fad <command>:`.
+pub fn write_table(dir: &Path, join: Join, skip_bad: bool, command: &str, out: &mut dyn Write) -> Result<u64> {
+    let pairs = usable_pairs(dir, command)?;
     writeln!(out, "{TABLE_HEADER}")?;
-    let bar = progress::bar(found.pairs.len() as u64, "converting");
+    let bar = progress::bar(pairs.len() as u64, "converting");
     let mut rows = 0u64;
     let mut skipped = 0usize;
-    for batch in found.pairs.chunks(BATCH) {
+    for batch in pairs.chunks(BATCH) {
         let rendered: Vec<Result<(Vec<u8>, u64)>> = batch.par_iter().map(|p| render_pair(p, join)).collect();
         for (pair, r) in batch.iter().zip(rendered) {
             match r {
@@ -32,27 +33,94 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, out: &mut dyn Write) 
                     rows += n;
                 }
                 Err(e) if skip_bad => {
-                    eprintln!("fad convert: skipped {}: {e:#}", pair.stem);
+                    warn(command, &format!("skipped {}: {e:#}", pair.stem));
                     skipped += 1;
                 }
-                Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+                Err(e) => return Err(e.context(SKIP_BAD_HINT)),
             }
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    if skipped > 0 {
-        eprintln!("fad convert: {skipped} malformed file pair(s) skipped");
-    }
+    report_skipped(command, skipped);
     Ok(rows)
 }
 
-pub fn report_unpaired(unpaired: &[std::path::PathBuf]) {
+/// The context of a malformed file's error, for every command that takes `--skip-bad`.
+pub const SKIP_BAD_HINT: &str = "use --skip-bad to leave bad files out";
+
+/// The count at the end of the files `--skip-bad` left out.
+pub fn report_skipped(command: &str, skipped: usize) {
+    if skipped > 0 {
+        warn(command, &format!("{skipped} malformed file pair(s) skipped"));
+    }
+}
+
+/// The pairs of `dir` whose files are read. Files without a partner, and pairs whose
+/// folder or file names cannot make ids, are named on stderr and left out. A directory
+/// without any pair is an error.
+pub fn usable_pairs(dir: &Path, command: &str) -> Result<Vec<Pair>> {
+    let found = discover(dir)?;
+    report_unpaired(command, &found.unpaired);
+    if found.pairs.is_empty() {
+        // Given one level too deep, DIR holds <folder>/bpm/ itself.
+        let class_folder = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("bpm").is_dir() || e.path().join("uterus").is_dir());
+        let hint = if class_folder { "; it looks like one class folder: give the folder above it" } else { "" };
+        bail!(
+            "{} holds no recordings: expected <class>/<folder>/bpm/<stem>_1.csv files (or _3) below it, \
+             each with its partner <class>/<folder>/uterus/<stem>_2.csv (or _4){hint}",
+            dir.display()
+        );
+    }
+    let mut pairs = Vec::with_capacity(found.pairs.len());
+    let mut refused = 0usize;
+    for pair in found.pairs {
+        match id_problem(&pair) {
+            None => pairs.push(pair),
+            Some(why) => {
+                warn(command, &format!("skipped {}: {why}", pair.bpm.display()));
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        warn(command, &format!("{refused} file pair(s) with unusable ids left out"));
+    }
+    Ok(pairs)
+}
+
+/// Why a pair's group id (`<class>-<folder>`) or sequence id (the bpm file's stem) cannot
+/// be written: the ids `fad stream` refuses, and a comma or double quote, which would
+/// break the CSV fields of the table and of stream messages.
+fn id_problem(pair: &Pair) -> Option<String> {
+    for (what, id) in [("group id", pair.group_id()), ("sequence id", pair.stem.clone())] {
+        let why = match stream::bad_id(&id) {
+            Some(bad @ BadId::TooLong) => format!("is longer than {MAX_ID} bytes ({})", bad.reason()),
+            Some(bad @ BadId::ControlChar) => format!("has a control character ({})", bad.reason()),
+            None if id.contains(',') => "has a comma, which would split its CSV field".into(),
+            None if id.contains('"') => "has a double quote, which would break its CSV field".into(),
+            None => continue,
+        };
+        return Some(format!("its {what} {id:?} {why}"));
+    }
+    None
+}
+
+/// A warning of `fad <command>` on stderr, control characters (from file names) escaped.
+pub fn warn(command: &str, text: &str) {
+    eprintln!("fad {command}: {}", crate::escape_controls(text));
+}
+
+fn report_unpaired(command: &str, unpaired: &[std::path::PathBuf]) {
     for p in unpaired {
-        eprintln!("fad convert: no partner for {}", p.display());
+        warn(command, &format!("no partner for {}", p.display()));
     }
     if !unpaired.is_empty() {
-        eprintln!("fad convert: {} unpaired file(s) left out", unpaired.len());
+        warn(command, &format!("{} unpaired file(s) left out", unpaired.len()));
     }
 }
 
@@ -77,11 +145,10 @@ fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
 
 /// Writes every pair as stream messages merged in timestamp order, optionally paced.
 fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out: &mut dyn Write) -> Result<()> {
-    let found = discover(dir)?;
-    report_unpaired(&found.unpaired);
-    let bar = progress::bar(found.pairs.len() as u64, "reading");
+    let pairs = usable_pairs(dir, "convert")?;
+    let bar = progress::bar(pairs.len() as u64, "reading");
     let merged: Vec<(usize, Result<Merged>)> =
-        found.pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
+        pairs.par_iter().enumerate().map(|(i, p)| (i, merge_pair(p, join))).collect();
     // (time, pair index, row index) for a global, deterministic timestamp order
     let mut order: Vec<(f64, u32, u32)> = Vec::new();
     let mut tables: Vec<Merged> = Vec::with_capacity(merged.len());
@@ -89,10 +156,10 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
         let rows = match r {
             Ok(rows) => rows,
             Err(e) if skip_bad => {
-                eprintln!("fad convert: skipped {}: {e:#}", found.pairs[i].stem);
+                warn("convert", &format!("skipped {}: {e:#}", pairs[i].stem));
                 Merged::default()
             }
-            Err(e) => return Err(e.context("use --skip-bad to leave bad files out")),
+            Err(e) => return Err(e.context(SKIP_BAD_HINT)),
         };
         for j in 0..rows.len() {
             order.push((rows.time(j), i as u32, j as u32));
@@ -103,7 +170,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
     bar.finish_and_clear();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     // ",<group>,<sequence>\n" of every pair
-    let tails: Vec<String> = found.pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
+    let tails: Vec<String> = pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
     let start = Instant::now();
     let t0 = order.first().map_or(0.0, |o| o.0);
     for &(t, i, j) in &order {
@@ -140,9 +207,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
     match args.output {
         ConvertOutput::Table => {
-            write_table(&args.data_dir, args.join, args.skip_bad, &mut out)?;
+            write_table(&args.data_dir, args.join, args.bad_files.skip_bad, "convert", &mut out)?;
         }
-        ConvertOutput::Feed => write_feed(&args.data_dir, args.join, args.skip_bad, args.realtime, &mut out)?,
+        ConvertOutput::Feed => write_feed(&args.data_dir, args.join, args.bad_files.skip_bad, args.realtime, &mut out)?,
     }
     out.flush()?;
     Ok(())

@@ -30,7 +30,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     }
     let model = Arc::new(Model::load(&args.model)?);
     let name = table::input_name(&args.input);
-    let input = table::open(&args.input, args.join)?;
+    let input = table::open(&args.input, args.join, args.bad_files.skip_bad, "score")?;
     let opts = Output { all: args.all, features: args.with_features.then(|| model.n_features()) };
     let header = if args.with_features {
         format!("{SCORE_HEADER},{}\n", model.features.feature_cols().join(","))

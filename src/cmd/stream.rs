@@ -73,6 +73,39 @@ fn trim_field(field: &str) -> &str {
     }
 }
 
+/// Why a group or sequence id cannot be used. `fad convert` refuses the same ids when it
+/// makes them from folder and file names. Ordered: where both ids are bad, the greater
+/// problem is the one reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BadId {
+    /// A control character would be echoed into replies (a terminal escape, a stray CR
+    /// splitting a reply for a line-based consumer).
+    ControlChar,
+    /// Longer than [`MAX_ID`] bytes.
+    TooLong,
+}
+
+impl BadId {
+    /// The error reason of a stream reply.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BadId::ControlChar => "control_char_in_id",
+            BadId::TooLong => "id_too_long",
+        }
+    }
+}
+
+/// Checks a group or sequence id (a comma cannot occur: it ends the field).
+pub fn bad_id(id: &str) -> Option<BadId> {
+    if id.len() > MAX_ID {
+        Some(BadId::TooLong)
+    } else if id.chars().any(char::is_control) {
+        Some(BadId::ControlChar)
+    } else {
+        None
+    }
+}
+
 /// Parses one line `timestamp,bpm,uterus,group_id,sequence_id`.
 pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
     let line = clean_line(raw);
@@ -107,13 +140,8 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
         return Parsed::Header;
     }
     let key = (f[3], f[4]);
-    if key.0.len() > MAX_ID || key.1.len() > MAX_ID {
-        return Parsed::Bad { reason: "id_too_long", key: None };
-    }
-    // Control characters in an id would be echoed into replies (a terminal escape, a
-    // stray CR splitting a reply for a line-based consumer).
-    if key.0.chars().chain(key.1.chars()).any(char::is_control) {
-        return Parsed::Bad { reason: "control_char_in_id", key: None };
+    if let Some(bad) = bad_id(key.0).max(bad_id(key.1)) {
+        return Parsed::Bad { reason: bad.reason(), key: None };
     }
     if key.0.is_empty() {
         return Parsed::Bad { reason: "empty_group_id", key: None };

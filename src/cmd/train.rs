@@ -3,6 +3,7 @@
 
 use crate::cli::TrainArgs;
 use crate::cli::{FeatureSet, Join};
+use crate::cmd::convert;
 use crate::features::{FeatureConfig, Pushed, Series};
 use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, fit_calibrated, percentile};
 use crate::forest::ForestSpec;
@@ -95,7 +96,13 @@ pub fn build_dataset(input: impl std::io::Read, name: &str, fc: &FeatureConfig) 
 /// [`build_dataset`] for a data directory, without the detour through a table: every file
 /// pair is one series, so the pairs are read and turned into feature rows in parallel.
 /// The rows, series and counts are those of its converted table, in the same order.
-pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureConfig) -> Result<Dataset> {
+/// A malformed file is an error, or with `skip_bad` named on stderr and left out.
+pub fn build_dataset_from_dir(
+    dir: &std::path::Path,
+    join: Join,
+    skip_bad: bool,
+    fc: &FeatureConfig,
+) -> Result<Dataset> {
     /// The rows of one pair: feature rows, rows read, rejections by reason.
     type PairRows = (Vec<f32>, u64, BTreeMap<&'static str, u64>);
     let pair_rows = |pair: &crate::data::Pair| -> Result<PairRows> {
@@ -114,8 +121,8 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
         }
         Ok((rows, merged.len() as u64, rejected))
     };
-    let found = crate::data::discover(dir)?;
-    crate::cmd::convert::report_unpaired(&found.unpaired);
+    let pairs = convert::usable_pairs(dir, "train")?;
+    let mut skipped = 0usize;
     let w = fc.n_features();
     let mut ds = Dataset {
         n_features: w,
@@ -126,10 +133,18 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
         rejected: BTreeMap::new(),
     };
     // In batches, so that only one batch of pairs is held twice.
-    for batch in found.pairs.chunks(64) {
+    for batch in pairs.chunks(64) {
         let done: Vec<Result<PairRows>> = batch.par_iter().map(pair_rows).collect();
         for (pair, result) in batch.iter().zip(done) {
-            let (rows, read, rejected) = result?;
+            let (rows, read, rejected) = match result {
+                Ok(r) => r,
+                Err(e) if skip_bad => {
+                    convert::warn("train", &format!("skipped {}: {e:#}", pair.stem));
+                    skipped += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.context(convert::SKIP_BAD_HINT)),
+            };
             if read == 0 {
                 continue; // no row in the table, so no series either
             }
@@ -147,6 +162,7 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
             }
         }
     }
+    convert::report_skipped("train", skipped);
     Ok(ds)
 }
 
@@ -323,9 +339,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let name = table::input_name(&input);
     let ds = if input.is_dir() {
-        build_dataset_from_dir(&input, args.join, &fc)?
+        build_dataset_from_dir(&input, args.join, args.bad_files.skip_bad, &fc)?
     } else {
-        build_dataset(table::open(&input, args.join)?, &name, &fc)?
+        build_dataset(table::open(&input, args.join, args.bad_files.skip_bad, "train")?, &name, &fc)?
     };
     let t_features = t0.elapsed();
     if ds.n_rows() == 0 {
@@ -585,9 +601,9 @@ mod tests {
             for join in [Join::Inner, Join::Outer] {
                 for fc in [FeatureConfig::default(), FeatureConfig::window_default()] {
                     let mut table = Vec::new();
-                    crate::cmd::convert::write_table(&dir, join, false, &mut table).unwrap();
+                    crate::cmd::convert::write_table(&dir, join, false, "train", &mut table).unwrap();
                     let a = build_dataset(&table[..], "table", &fc).unwrap();
-                    let b = build_dataset_from_dir(&dir, join, &fc).unwrap();
+                    let b = build_dataset_from_dir(&dir, join, false, &fc).unwrap();
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
                     assert!(a.n_rows() > 1000, "{source}: {} rows", a.n_rows());
                     assert!(bits(&a.rows) == bits(&b.rows), "{source} {join:?}: feature rows differ");
