@@ -225,6 +225,13 @@ pub fn for_each_row(
             f(Err(bad(which, "empty".into())))?;
             continue;
         }
+        if let Some((which, why)) = [(gi, "group_id"), (si, "sequence_id")]
+            .into_iter()
+            .find_map(|(i, name)| bad_id(fields[i]).map(|why| (name, why)))
+        {
+            f(Err(bad(which, format!("{} ({})", why.describe(), why.reason()))))?;
+            continue;
+        }
         f(Ok(TableRow {
             line,
             timestamp: fields[ti],
@@ -239,4 +246,50 @@ pub fn for_each_row(
         }))?;
     }
     Ok(())
+}
+
+/// Longest group or sequence id; longer ones are rejected (`id_too_long`) so that a feed
+/// cannot make one series cost more than a little memory.
+pub const MAX_ID: usize = 256;
+
+/// Why a group or sequence id cannot be used: `fad stream` replies with an error, the
+/// table reader (`score`, `train`) names the row, and `fad convert` refuses such ids when
+/// it makes them from folder and file names. Ordered: where both ids are bad, the greater
+/// problem is the one reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BadId {
+    /// A control character would be echoed into replies (a terminal escape, a stray CR
+    /// splitting a reply for a line-based consumer).
+    ControlChar,
+    /// Longer than [`MAX_ID`] bytes.
+    TooLong,
+}
+
+impl BadId {
+    /// What is wrong, for a message naming the file and line.
+    pub fn describe(self) -> String {
+        match self {
+            BadId::ControlChar => "has a control character".into(),
+            BadId::TooLong => format!("is longer than {MAX_ID} bytes"),
+        }
+    }
+
+    /// The error reason of a stream reply.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BadId::ControlChar => "control_char_in_id",
+            BadId::TooLong => "id_too_long",
+        }
+    }
+}
+
+/// Checks a group or sequence id (a comma cannot occur: it ends the field).
+pub fn bad_id(id: &str) -> Option<BadId> {
+    if id.len() > MAX_ID {
+        Some(BadId::TooLong)
+    } else if id.chars().any(char::is_control) {
+        Some(BadId::ControlChar)
+    } else {
+        None
+    }
 }

@@ -413,6 +413,31 @@ fn score_names_the_file_line_and_field_of_a_bad_row_and_scores_the_rest() {
 }
 
 #[test]
+fn score_refuses_the_ids_stream_refuses_and_scores_the_rest() {
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let mut lines: Vec<String> = merged.lines().map(str::to_owned).collect();
+    let mut set = |i: usize, field: usize, value: String| {
+        let mut row = lines[i].split(',').map(str::to_owned).collect::<Vec<_>>();
+        row[field] = value;
+        lines[i] = row.join(",");
+    };
+    set(7, 1, "ward\u{1b}[31m".into());
+    set(8, 2, "s".repeat(300));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ids.csv");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let out = fad().arg("score").arg(&path).args(["--all", "--model"]).arg(&f.model).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ids.csv line 8, field group_id") && err.contains("control_char_in_id"), "{err}");
+    assert!(err.contains("ids.csv line 9, field sequence_id") && err.contains("id_too_long"), "{err}");
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b), "no raw escape reaches a terminal");
+    let rows = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(rows, merged.lines().count() - 2, "every other row is still answered");
+}
+
+#[test]
 fn train_reads_stdin_and_data_directories() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();

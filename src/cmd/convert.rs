@@ -1,9 +1,9 @@
 //! `fad convert`: a folder tree of recordings -> one merged table, or a live feed.
 
 use crate::cli::{ConvertArgs, ConvertOutput, Join};
-use crate::cmd::stream::{self, BadId, MAX_ID};
 use crate::data::{Merged, Pair, discover, merge_pair};
 use crate::progress;
+use crate::table::bad_id;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 use std::io::{self, Write};
@@ -98,9 +98,8 @@ pub fn usable_pairs(dir: &Path, command: &str) -> Result<Vec<Pair>> {
 /// break the CSV fields of the table and of stream messages.
 fn id_problem(pair: &Pair) -> Option<String> {
     for (what, id) in [("group id", pair.group_id()), ("sequence id", pair.stem.clone())] {
-        let why = match stream::bad_id(&id) {
-            Some(bad @ BadId::TooLong) => format!("is longer than {MAX_ID} bytes ({})", bad.reason()),
-            Some(bad @ BadId::ControlChar) => format!("has a control character ({})", bad.reason()),
+        let why = match bad_id(&id) {
+            Some(bad) => format!("{} ({})", bad.describe(), bad.reason()),
             None if id.contains(',') => "has a comma, which would split its CSV field".into(),
             None if id.contains('"') => "has a double quote, which would break its CSV field".into(),
             None => continue,

@@ -10,6 +10,7 @@ use crate::engine::{Engine, EvictCause, Limits, NAMED_EVICTIONS, Offer, parse_ti
 use crate::forecast::{self, ForecastError, Forecaster};
 use crate::model::{Detection, Model};
 use crate::state;
+pub use crate::table::{BadId, MAX_ID, bad_id};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -23,9 +24,6 @@ use std::time::Duration;
 /// Longest line kept in memory; a longer one is answered with an error, not buffered.
 pub const MAX_LINE: usize = 1 << 20;
 const READ_CHUNK: usize = 1 << 16;
-/// Longest group or sequence id; longer ones are rejected (`id_too_long`) so that a feed
-/// cannot make one series cost more than a little memory.
-pub const MAX_ID: usize = 256;
 
 /// A parsed message, borrowing from the line.
 #[derive(Debug, PartialEq)]
@@ -70,39 +68,6 @@ fn trim_field(field: &str) -> &str {
     match (field.as_bytes().first(), field.as_bytes().last()) {
         (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => field,
         _ => field.trim(),
-    }
-}
-
-/// Why a group or sequence id cannot be used. `fad convert` refuses the same ids when it
-/// makes them from folder and file names. Ordered: where both ids are bad, the greater
-/// problem is the one reported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum BadId {
-    /// A control character would be echoed into replies (a terminal escape, a stray CR
-    /// splitting a reply for a line-based consumer).
-    ControlChar,
-    /// Longer than [`MAX_ID`] bytes.
-    TooLong,
-}
-
-impl BadId {
-    /// The error reason of a stream reply.
-    pub fn reason(self) -> &'static str {
-        match self {
-            BadId::ControlChar => "control_char_in_id",
-            BadId::TooLong => "id_too_long",
-        }
-    }
-}
-
-/// Checks a group or sequence id (a comma cannot occur: it ends the field).
-pub fn bad_id(id: &str) -> Option<BadId> {
-    if id.len() > MAX_ID {
-        Some(BadId::TooLong)
-    } else if id.chars().any(char::is_control) {
-        Some(BadId::ControlChar)
-    } else {
-        None
     }
 }
 
