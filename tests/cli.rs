@@ -174,7 +174,15 @@ fn train_writes_artifacts_and_refuses_a_non_empty_dir() {
     assert!(meta["report"]["train"]["rows"].as_u64().unwrap() > 10_000);
     let out = fad().args(["train", "--n-estimators", "5", "--out-dir"]).arg(&f.model).arg(&f.merged).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--force"), "{err}");
+    // Refused before any data is read or any forest fitted: no report, one sentence.
+    assert!(!err.contains("rows read") && !err.contains("validation:"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Even an input that does not exist is not opened first.
+    let out = fad().args(["train", "/nonexistent/merged.csv", "--out-dir"]).arg(&f.model).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty; use --force"));
 }
 
 #[test]

@@ -6,8 +6,8 @@ use crate::cli::{FeatureSet, Join};
 use crate::features::{FeatureConfig, Pushed, Series};
 use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, fit_calibrated, percentile};
 use crate::forest::ForestSpec;
-use crate::model::write_artifacts;
 use crate::model::{Meta, Model, PICKLE_FILE, Role, feature_config_from, feature_config_json, sha256_hex};
+use crate::model::{check_out_dir, write_artifacts};
 use crate::table;
 use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
@@ -320,6 +320,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!(crate::UsageError(format!("--flag-rate must be in (0, 0.5], got {}", args.flag_rate)));
     }
     let fc = feature_settings(&args)?;
+    // Before any data is read: a non-empty --out-dir would otherwise be found only after
+    // the whole training.
+    check_out_dir(&args.out_dir, args.force)?;
     let t0 = Instant::now();
     let name = table::input_name(&input);
     let ds = if input.is_dir() {
@@ -493,6 +496,7 @@ pub fn convert_pickle(dir: &Path, out_dir: &Path, force: bool) -> Result<()> {
             out_dir.display()
         )));
     }
+    check_out_dir(out_dir, force)?;
     // Load it as `fad score` would: meta.json, features, pickle and their agreement.
     let model = Model::load(dir)?;
     if !model.meta.model_files.is_empty() {
