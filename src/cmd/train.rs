@@ -552,8 +552,33 @@ fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
         bail!(crate::UsageError(format!("--feature-config {} must hold a JSON object", path.display())));
     }
     let mut merged = Value::Object(feature_config_json(&base));
-    merge_json(&mut merged, overlay);
-    feature_config_from(&merged).map_err(|e| anyhow::anyhow!("--feature-config {}: {e:#}", path.display()))
+    merge_json(&mut merged, overlay.clone());
+    let fc = feature_config_from(&merged).map_err(|e| anyhow::anyhow!("--feature-config {}: {e:#}", path.display()))?;
+    // Every key must be a setting of the resulting features: a misspelt one would
+    // otherwise be ignored without a word.
+    let known = Value::Object(feature_config_json(&fc));
+    if let Some((key, choices)) = unknown_key(&overlay, &known, "") {
+        bail!("--feature-config {}: unknown key {key:?} (known here: {choices})", path.display());
+    }
+    Ok(fc)
+}
+
+/// The first key of `given` (an object, nested objects included) that `known` lacks, as
+/// a dotted path, with the keys known at that level.
+fn unknown_key(given: &Value, known: &Value, prefix: &str) -> Option<(String, String)> {
+    let (Value::Object(g), Value::Object(k)) = (given, known) else { return None };
+    for (key, value) in g {
+        let path = format!("{prefix}{key}");
+        match k.get(key) {
+            None => return Some((path, k.keys().cloned().collect::<Vec<_>>().join(", "))),
+            Some(slot) => {
+                if let Some(found) = unknown_key(value, slot, &format!("{path}.")) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Lays `top` over `base`, object by object.
@@ -602,6 +627,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn settings_from(json: &str) -> Result<FeatureConfig> {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fc.json");
+        std::fs::write(&path, json).unwrap();
+        let args = crate::cli::Cli::try_parse_from(
+            ["fad", "train", "x", "--out-dir", "o", "--feature-config"].iter().copied().chain([path.to_str().unwrap()]),
+        )
+        .unwrap();
+        let crate::cli::Command::Train(args) = args.command else { unreachable!() };
+        feature_settings(&args).map_err(|e| anyhow::anyhow!("{e:#}").context(path.display().to_string()))
+    }
+
+    #[test]
+    fn feature_config_refuses_unknown_keys_by_name() {
+        let fc = settings_from(r#"{"max_gap_s": 30, "filters": {"warmup": 50}}"#).unwrap();
+        assert_eq!((fc.max_gap_s, fc.warmup()), (Some(30.0), 50));
+        for (json, key) in [
+            (r#"{"max_gap": 30}"#, "\"max_gap\""),
+            (r#"{"filters": {"warm_up": 50}}"#, "\"filters.warm_up\""),
+            // window settings mean nothing to the filters features
+            (r#"{"lags": [1, 2]}"#, "\"lags\""),
+        ] {
+            let e = format!("{:#}", settings_from(json).unwrap_err());
+            assert!(e.contains("fc.json: unknown key") && e.contains(key), "{json}: {e}");
+        }
+        let e = format!("{:#}", settings_from(r#"{"filters": {"warm_up": 50}}"#).unwrap_err());
+        assert!(e.contains("known here:") && e.contains("warmup"), "{e}");
     }
 
     #[test]
