@@ -44,7 +44,7 @@ complete -c fad -n "__fish_fad_using_subcommand train" -l out-dir -d 'Directory 
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-estimators -d 'Number of trees' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l max-samples -d 'Rows per tree: auto (= min(256, n)), a count, or a fraction in (0, 1]' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l contamination -d 'Expected share of anomalies: auto (offset -0.5) or a fraction in (0, 0.5]' -r
-complete -c fad -n "__fish_fad_using_subcommand train" -l max-features -d 'Features per tree: a count, or a fraction in (0, 1]' -r
+complete -c fad -n "__fish_fad_using_subcommand train" -l max-features -d 'Features per tree: a count (at most the number of feature columns), or a fraction in (0, 1]. A per-signal forest takes at most its own signal\'s columns' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l val-size -d 'Share of patients (groups) held out for validation' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l random-state -d 'Seed of every random choice; the same seed gives byte-identical artifacts' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-jobs -d 'Worker threads (default: all cores). Results do not depend on it' -r

@@ -123,7 +123,8 @@ pub struct TrainArgs {
     /// Expected share of anomalies: auto (offset -0.5) or a fraction in (0, 0.5].
     #[arg(long, default_value = "auto", value_name = "auto|F")]
     pub contamination: String,
-    /// Features per tree: a count, or a fraction in (0, 1].
+    /// Features per tree: a count (at most the number of feature columns), or a fraction
+    /// in (0, 1]. A per-signal forest takes at most its own signal's columns.
     #[arg(long, alias = "max_features", default_value = "1.0", value_name = "N|F")]
     pub max_features: String,
     /// Share of patients (groups) held out for validation.

@@ -227,6 +227,27 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = fad().args(["stream"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // An int max_features above the number of columns, as scikit-learn refuses it.
+    let out = fad().args(["train", "--max-features", "99", "--out-dir", "/tmp/never"]).arg(&f.merged).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-features 99 is more than the 14 feature columns"), "{err}");
+    let out = fad()
+        .args(["train", "--features", "window", "--max-features", "25", "--out-dir", "/tmp/never"])
+        .arg(&f.merged)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than the 24 feature columns"));
+    let dir = tempfile::tempdir().unwrap();
+    for (set, all) in [("filters", "14"), ("window", "24")] {
+        fad()
+            .args(["train", "--n-estimators", "3", "--features", set, "--max-features", all, "--out-dir"])
+            .arg(dir.path().join(set))
+            .arg(sample("ctu-uhb"))
+            .assert()
+            .success();
+    }
     let out = fad().args(["score", "--model", "/nonexistent/model"]).arg(&f.merged).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model/meta.json"));

@@ -320,6 +320,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!(crate::UsageError(format!("--flag-rate must be in (0, 0.5], got {}", args.flag_rate)));
     }
     let fc = feature_settings(&args)?;
+    if let MaxFeatures::Count(k) = params.max_features
+        && k > fc.n_features()
+    {
+        // scikit-learn raises for an int max_features above n_features, too.
+        bail!(crate::UsageError(format!(
+            "--max-features {k} is more than the {} feature columns; give a count up to {} or a fraction",
+            fc.n_features(),
+            fc.n_features()
+        )));
+    }
     // Before any data is read: a non-empty --out-dir would otherwise be found only after
     // the whole training.
     check_out_dir(&args.out_dir, args.force)?;
