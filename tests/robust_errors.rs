@@ -138,7 +138,29 @@ fn a_broken_model_is_one_clear_error() {
         f(&mut v);
         std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
     };
+    // A forest file emptied of trees, with its checksum in meta.json updated to match.
+    let no_trees = |dir: &Path, file: &str| {
+        let p = dir.join(file);
+        let mut forest: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        forest["trees"] = serde_json::json!([]);
+        let bytes = serde_json::to_vec(&forest).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let sum = fad::model::sha256_hex(&bytes);
+        edit_meta(dir, &|v| {
+            for mf in v["model_files"].as_array_mut().unwrap() {
+                if mf["name"] == file {
+                    mf["sha256"] = serde_json::json!(sum);
+                }
+            }
+        });
+    };
     let cases: Vec<(&str, PathBuf, &str)> = vec![
+        ("no trees", broken_model("no-trees", |d| no_trees(d, "forest.json")), "forest.json: the forest has no trees"),
+        (
+            "no bpm trees",
+            broken_model("no-bpm-trees", |d| no_trees(d, "forest_bpm.json")),
+            "forest_bpm.json: the forest has no trees",
+        ),
         (
             "truncated meta",
             broken_model("truncated-meta", |d| {
