@@ -233,6 +233,36 @@ fn every_subcommand_has_worked_examples_in_help() {
 }
 
 #[test]
+fn every_example_line_stays_one_line_in_help() {
+    // The width clap wraps help to when stdout is not a terminal (100), and 80 for train.
+    for (cmd, columns) in [("convert", "100"), ("train", "100"), ("score", "100"), ("stream", "100"), ("train", "80")] {
+        let out = fad().args([cmd, "--help"]).env("COLUMNS", columns).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let examples = text.split("Examples:").nth(1).unwrap();
+        assert!(examples.lines().nth(1).is_some_and(|l| l.starts_with("  ")), "{cmd}: {examples}");
+        for line in examples.lines().skip(1).take_while(|l| !l.is_empty()) {
+            let first = line.split_whitespace().next().unwrap_or("");
+            assert!(
+                line.starts_with("  ") && ["fad", "tail", "ln"].contains(&first) && line.trim().contains(' '),
+                "{cmd} --help at {columns} columns: example wrapped mid-command at {line:?}"
+            );
+            assert!(!line.trim_end().ends_with('#'), "{cmd}: {line:?}");
+        }
+    }
+}
+
+#[test]
+fn train_help_describes_the_default_model() {
+    let out = fad().args(["train", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    let about = text.split("Usage:").next().unwrap();
+    for want in ["--features filters (the default)", "three isolation forests", "bpm_anomaly and uterus_anomaly"] {
+        assert!(about.contains(want), "train --help lacks {want:?}: {about}");
+    }
+    assert!(!about.contains("fits an isolation forest"), "{about}");
+}
+
+#[test]
 fn nothing_decorative_on_a_stderr_that_is_not_a_terminal() {
     let out = fad().arg("convert").arg(repo().join("data/sample/lct2025")).output().unwrap();
     assert!(out.status.success());
