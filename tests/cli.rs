@@ -551,3 +551,51 @@ fn train_class_fits_on_one_class_and_still_validates_on_all() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--train-class nope"));
 }
+
+#[test]
+fn train_counts_the_same_groups_on_stderr_and_in_meta_json() {
+    // Folder 7 under both classes is two patients; patient regular-short has too few
+    // samples for a single score, so it can be neither fitted nor validated.
+    let dir = tempfile::tempdir().unwrap();
+    let mut table = String::from("timestamp,group_id,sequence_id,bpm,uterus,target\n");
+    for (target, group, n) in [
+        ("hypoxia", "7", 120),
+        ("regular", "7", 120),
+        ("hypoxia", "8", 120),
+        ("regular", "9", 120),
+        ("regular", "short", 5),
+    ] {
+        for i in 0..n {
+            let bpm = 130 + (i * 7 + group.len() * 3) % 25;
+            let uterus = 10 + (i * 13) % 40;
+            table += &format!("{:.2},{group},{target}{group}_1,{bpm},{uterus},{target}\n", i as f64 * 0.25);
+        }
+    }
+    let merged = dir.path().join("merged.csv");
+    std::fs::write(&merged, table).unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let model = dir.path().join(out);
+        let out = fad()
+            .args(["train", "--n-estimators", "3", "--val-size", "0.5", "--random-state", "2", "--out-dir"])
+            .arg(&model)
+            .args(extra)
+            .arg(&merged)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (err, meta_of(&model)["report"].clone())
+    };
+    let (err, report) = train("all", &[]);
+    let groups = |side: &str| report[side]["groups"].as_u64().unwrap();
+    assert_eq!((groups("train"), groups("validation")), (2, 2), "{report}");
+    assert!(err.contains("2 train / 2 validation groups, 1 without scorable rows left out;"), "{err}");
+    assert_eq!(report["groups_without_scorable_rows"], 1);
+    // With --train-class the train side of the report is what the forests were fitted on,
+    // and the summary line says so.
+    let (err, report) = train("regular", &["--train-class", "regular"]);
+    let counts = (report["train"]["groups"].as_u64(), report["validation"]["groups"].as_u64());
+    assert_eq!(counts, (Some(1), Some(2)), "{report}");
+    let want = "2 train / 2 validation groups (forests fitted on the 1 train groups of class regular)";
+    assert!(err.contains(want), "{err}");
+}

@@ -150,11 +150,23 @@ pub fn build_dataset_from_dir(dir: &std::path::Path, join: Join, fc: &FeatureCon
     Ok(ds)
 }
 
+/// A patient: `(target, group_id)`, since folder numbers repeat across classes.
+fn group_key(s: &SeriesInfo) -> (&str, &str) {
+    (s.target.as_deref().unwrap_or_default(), &s.group_id)
+}
+
 /// Splits unique `(target, group_id)` groups with the seeded RNG; returns per-series
-/// "is validation" flags and the validation group count.
-pub fn split_groups(series: &[SeriesInfo], val_size: f64, seed: u64) -> (Vec<bool>, usize, usize) {
-    let mut groups: Vec<(String, String)> =
-        series.iter().map(|s| (s.target.clone().unwrap_or_default(), s.group_id.clone())).collect();
+/// "is validation" flags and the training and validation group counts. Only groups with
+/// a series that has scorable rows (`scorable[i]` for series i) take part, as in the
+/// prototype, which split the rows left after warm-up: a group without rows could be
+/// neither fitted nor validated.
+pub fn split_groups(series: &[SeriesInfo], scorable: &[bool], val_size: f64, seed: u64) -> (Vec<bool>, usize, usize) {
+    let mut groups: Vec<(String, String)> = series
+        .iter()
+        .zip(scorable)
+        .filter(|(_, ok)| **ok)
+        .map(|(s, _)| (s.target.clone().unwrap_or_default(), s.group_id.clone()))
+        .collect();
     groups.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| crate::data::natural_cmp(&a.1, &b.1)).then_with(|| a.1.cmp(&b.1)));
     groups.dedup();
     let mut rng = Pcg64::seed_from_u64(seed);
@@ -224,7 +236,7 @@ fn side_counts(ds: &Dataset, rows: &[usize]) -> Value {
     for &r in rows {
         let s = ds.row_series[r];
         seqs.insert(s);
-        groups.insert(&ds.series[s as usize].group_id);
+        groups.insert(group_key(&ds.series[s as usize]));
     }
     json!({"groups": groups.len(), "sequences": seqs.len(), "rows": rows.len()})
 }
@@ -245,7 +257,7 @@ fn side_report(ds: &Dataset, rows: &[usize], scores: &[f64], flags: &[[bool; 2]]
         }
         fb += flags[k][0] as u64;
         fu += flags[k][1] as u64;
-        groups.insert(&ds.series[s as usize].group_id);
+        groups.insert(group_key(&ds.series[s as usize]));
     }
     let rate = |x: u64| if n == 0 { Value::Null } else { json!(x as f64 / n as f64) };
     let q = |p: f64| if n == 0 { Value::Null } else { json!(percentile(scores, p)) };
@@ -348,7 +360,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             fc.warmup()
         );
     }
-    let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, args.val_size, args.random_state);
+    let mut scorable = vec![false; ds.series.len()];
+    for &s in &ds.row_series {
+        scorable[s as usize] = true;
+    }
+    let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, &scorable, args.val_size, args.random_state);
+    let all_groups: std::collections::BTreeSet<_> = ds.series.iter().map(group_key).collect();
+    let groups_without_rows = all_groups.len() - n_train_groups - n_val_groups;
     if let Some(class) = &args.train_class
         && !ds.series.iter().any(|s| s.target.as_deref() == Some(class.as_str()))
     {
@@ -417,13 +435,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     train_report["scored_rows"] = json!(calibration_idx.len());
     let val_report = side_report(&ds, &val_idx, &val_scores, &val_flags, has_target);
+    // The split's counts; the report's train side counts only the groups the forests
+    // were fitted on, which differ with --train-class.
+    let mut split = format!("{n_train_groups} train / {n_val_groups} validation groups");
+    if let Some(class) = &args.train_class {
+        split += &format!(" (forests fitted on the {} train groups of class {class})", train_report["groups"]);
+    }
+    if groups_without_rows > 0 {
+        split += &format!(", {groups_without_rows} without scorable rows left out");
+    }
     eprintln!(
-        "fad train: {} rows read, {} scorable rows in {} sequences; {} train / {} validation groups; features {:.2}s, fit {:.2}s",
+        "fad train: {} rows read, {} scorable rows in {} sequences; {split}; features {:.2}s, fit {:.2}s",
         ds.rows_read,
         ds.n_rows(),
         ds.series.len(),
-        n_train_groups,
-        n_val_groups,
         t_features.as_secs_f64(),
         t_fit.as_secs_f64()
     );
@@ -450,6 +475,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "rows_read": ds.rows_read,
             "rows_scorable": ds.n_rows(),
             "sequences": ds.series.len(),
+            "groups_without_scorable_rows": groups_without_rows,
             "rejected_samples": ds.rejected,
             "train": train_report,
             "validation": val_report,
@@ -684,12 +710,18 @@ mod tests {
         let s = |g: &str, t: &str| SeriesInfo { group_id: g.into(), sequence_id: "x".into(), target: Some(t.into()) };
         let series: Vec<SeriesInfo> =
             (0..10).map(|i| s(&format!("g{i}"), if i % 2 == 0 { "hypoxia" } else { "regular" })).collect();
-        let (a, n_train, n_val) = split_groups(&series, 0.2, 42);
+        let ok = vec![true; 10];
+        let (a, n_train, n_val) = split_groups(&series, &ok, 0.2, 42);
         assert_eq!((n_train, n_val), (8, 2));
         assert_eq!(a.iter().filter(|&&v| v).count(), 2);
-        let (b, _, _) = split_groups(&series, 0.2, 42);
+        let (b, _, _) = split_groups(&series, &ok, 0.2, 42);
         assert_eq!(a, b);
-        let (_, _, n_val) = split_groups(&series, 0.25, 1);
+        let (_, _, n_val) = split_groups(&series, &ok, 0.25, 1);
         assert_eq!(n_val, 3); // ceil(2.5)
+        // Groups without scorable rows are not split: 8 left, ceil(0.25 * 8) = 2.
+        let some = (0..10).map(|i| i >= 2).collect::<Vec<_>>();
+        let (c, n_train, n_val) = split_groups(&series, &some, 0.25, 1);
+        assert_eq!((n_train, n_val), (6, 2));
+        assert!(!c[0] && !c[1]);
     }
 }
