@@ -27,7 +27,7 @@ end
 complete -c fad -n "__fish_fad_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_needs_command" -s V -l version -d 'Print version'
 complete -c fad -n "__fish_fad_needs_command" -f -a "convert" -d 'Turn a folder tree of CTG recordings into one table (or a live feed)'
-complete -c fad -n "__fish_fad_needs_command" -f -a "train" -d 'Fit an isolation forest on CTG features and write the model artifacts'
+complete -c fad -n "__fish_fad_needs_command" -f -a "train" -d 'Fit joint and per-signal isolation forests; write the model artifacts'
 complete -c fad -n "__fish_fad_needs_command" -f -a "score" -d 'Score a merged table with a trained model (batch)'
 complete -c fad -n "__fish_fad_needs_command" -f -a "stream" -d 'Answer a live feed: one reply per input line, in order'
 complete -c fad -n "__fish_fad_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -44,7 +44,7 @@ complete -c fad -n "__fish_fad_using_subcommand train" -l out-dir -d 'Directory 
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-estimators -d 'Number of trees' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l max-samples -d 'Rows per tree: auto (= min(256, n)), a count, or a fraction in (0, 1]' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l contamination -d 'Expected share of anomalies: auto (offset -0.5) or a fraction in (0, 0.5]' -r
-complete -c fad -n "__fish_fad_using_subcommand train" -l max-features -d 'Features per tree: a count, or a fraction in (0, 1]' -r
+complete -c fad -n "__fish_fad_using_subcommand train" -l max-features -d 'Features per tree: a count (at most the number of feature columns), or a fraction in (0, 1]. A per-signal forest takes at most its own signal\'s columns' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l val-size -d 'Share of patients (groups) held out for validation' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l random-state -d 'Seed of every random choice; the same seed gives byte-identical artifacts' -r
 complete -c fad -n "__fish_fad_using_subcommand train" -l n-jobs -d 'Worker threads (default: all cores). Results do not depend on it' -r
@@ -81,7 +81,7 @@ complete -c fad -n "__fish_fad_using_subcommand stream" -l forecaster-timeout -d
 complete -c fad -n "__fish_fad_using_subcommand stream" -l state-reset -d 'Start afresh when the --state file is corrupt or was written for other features'
 complete -c fad -n "__fish_fad_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "convert" -d 'Turn a folder tree of CTG recordings into one table (or a live feed)'
-complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "train" -d 'Fit an isolation forest on CTG features and write the model artifacts'
+complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "train" -d 'Fit joint and per-signal isolation forests; write the model artifacts'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "score" -d 'Score a merged table with a trained model (batch)'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "stream" -d 'Answer a live feed: one reply per input line, in order'
 complete -c fad -n "__fish_fad_using_subcommand help; and not __fish_seen_subcommand_from convert train score stream help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -82,14 +82,21 @@ pub struct BadFiles {
     pub skip_bad: bool,
 }
 
-/// Fit an isolation forest on CTG features and write the model artifacts.
+/// Fit joint and per-signal isolation forests; write the model artifacts.
 #[derive(Args, Debug)]
 #[command(
-    long_about = "Computes the features of SPEC section 2 for every recording, splits the \
-patients (group ids) into training and validation sets, fits an isolation forest on the \
-training rows and writes meta.json plus the forest files into --out-dir. A validation \
-report (rows, anomaly rates, score quantiles, hypoxia-vs-regular ROC AUC) goes to stderr \
-and into meta.json.\n\n\
+    long_about = "Computes a feature row for every scorable sample of every recording: with \
+--features filters (the default), exponentially weighted statistics of each signal with time \
+constants in seconds (level, jump, deviation from a robust baseline, baseline, variability, \
+burden, flat time); with --features window, the prototype's lags and rolling means and \
+standard deviations (SPEC section 2). It splits the patients (unique target and group_id) \
+into training and validation groups with the seeded RNG and fits three isolation forests on \
+the training rows: a joint forest over all columns, which gives anomaly_score, and one forest \
+per signal over that signal's columns only, which give bpm_anomaly and uterus_anomaly (each \
+flags --flag-rate of its training samples). meta.json and the three forest files are written \
+into --out-dir atomically. A report (groups, sequences and rows per side, anomaly rates \
+overall and per signal, score quantiles, and on validation the hypoxia-vs-regular ROC AUC) \
+goes to stderr and into meta.json.\n\n\
 With --from-pickle DIR it trains nothing: it converts the Python prototype's artifacts \
 (a scikit-learn IsolationForest pickled as DIR/model_if.pkl, beside the prototype's \
 meta.json) into fad's own artifacts in --out-dir, with the same trees and the same \
@@ -97,7 +104,8 @@ scores. `fad score` and `fad stream` also read such a DIR directly; converting i
 means later loads need no pickle.",
     after_help = "Examples:\n  fad train merged.csv --out-dir artifacts\n  fad train data/ --out-dir artifacts --n-estimators 100 --contamination 0.01\n  \
 fad convert data/ | fad train - --out-dir artifacts --force\n  \
-fad train --from-pickle prototype_artifacts --out-dir artifacts   # scikit-learn model_if.pkl -> fad"
+fad train data/ --features window --out-dir artifacts   # as the prototype\n  \
+fad train --from-pickle prototype/ --out-dir artifacts   # import model_if.pkl"
 )]
 pub struct TrainArgs {
     /// Merged CSV (from `fad convert`), a data directory, or - for stdin.
@@ -132,7 +140,8 @@ pub struct TrainArgs {
     /// Expected share of anomalies: auto (offset -0.5) or a fraction in (0, 0.5].
     #[arg(long, default_value = "auto", value_name = "auto|F")]
     pub contamination: String,
-    /// Features per tree: a count, or a fraction in (0, 1].
+    /// Features per tree: a count (at most the number of feature columns), or a fraction
+    /// in (0, 1]. A per-signal forest takes at most its own signal's columns.
     #[arg(long, alias = "max_features", default_value = "1.0", value_name = "N|F")]
     pub max_features: String,
     /// Share of patients (groups) held out for validation.

@@ -145,6 +145,10 @@ impl Forest {
         if spec.n_features == 0 {
             return Err("a forest needs at least one feature column".into());
         }
+        if spec.trees.is_empty() {
+            // It would score every row 0 (an empty mean path), silently.
+            return Err("the forest has no trees".into());
+        }
         // Node 0 is padding, so that every leaf has a node before it to point `left` at.
         let mut nodes = vec![Node { threshold: f32::NAN, feature: 0, left: 0 }];
         let mut leaf_value = vec![f64::NAN];
@@ -446,5 +450,8 @@ mod tests {
         s.trees[0].children_left = vec![0, -1, -1];
         s.trees[0].children_right = vec![0, -1, -1];
         assert!(Forest::new(&s).is_err());
+        let mut s = stump(1.0);
+        s.trees.clear();
+        assert_eq!(Forest::new(&s).unwrap_err(), "the forest has no trees");
     }
 }

@@ -252,17 +252,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Refuses an `out_dir` that is not a directory, or that is not empty unless `force`.
+/// `fad train` calls it before reading any data, so that a long training is not lost to
+/// it, and [`write_artifacts`] again at the end.
+pub fn check_out_dir(out_dir: &Path, force: bool) -> Result<()> {
+    if out_dir.exists() && !out_dir.is_dir() {
+        bail!("--out-dir {} exists and is not a directory", out_dir.display());
+    }
+    let nonempty = out_dir.is_dir() && fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if nonempty && !force {
+        bail!("--out-dir {} is not empty; use --force to replace it", out_dir.display());
+    }
+    Ok(())
+}
+
 /// Writes meta.json and the forests into `out_dir` atomically: everything goes to a
 /// temporary directory beside it, which is renamed into place at the end. A non-empty
 /// `out_dir` is an error unless `force`.
 pub fn write_artifacts(out_dir: &Path, mut meta: Meta, forests: &[(Role, &ForestSpec)], force: bool) -> Result<()> {
-    let nonempty = out_dir.is_dir() && fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if out_dir.exists() && !out_dir.is_dir() {
-        bail!("--out-dir {} exists and is not a directory", out_dir.display());
-    }
-    if nonempty && !force {
-        bail!("--out-dir {} is not empty; use --force to replace it", out_dir.display());
-    }
+    // Checked again here, not only before training: the directory may have filled meanwhile.
+    check_out_dir(out_dir, force)?;
     let parent = match out_dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -336,4 +345,33 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
     f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_artifacts_still_refuses_a_dir_that_filled_after_the_early_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        check_out_dir(&out, false).unwrap();
+        fs::create_dir(&out).unwrap();
+        check_out_dir(&out, false).unwrap(); // empty is fine
+        fs::write(out.join("other.txt"), "x").unwrap(); // someone writes meanwhile
+        let meta = Meta {
+            fad_version: None,
+            config: serde_json::json!({}),
+            feature_cols: vec![],
+            max_lag: None,
+            model_files: vec![],
+            report: None,
+        };
+        let e = write_artifacts(&out, meta, &[], false).unwrap_err();
+        assert!(format!("{e}").contains("is not empty; use --force"), "{e}");
+        assert_eq!(fs::read_to_string(out.join("other.txt")).unwrap(), "x");
+        let file = dir.path().join("f");
+        fs::write(&file, "").unwrap();
+        assert!(format!("{}", check_out_dir(&file, true).unwrap_err()).contains("is not a directory"));
+    }
 }

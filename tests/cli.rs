@@ -174,7 +174,15 @@ fn train_writes_artifacts_and_refuses_a_non_empty_dir() {
     assert!(meta["report"]["train"]["rows"].as_u64().unwrap() > 10_000);
     let out = fad().args(["train", "--n-estimators", "5", "--out-dir"]).arg(&f.model).arg(&f.merged).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--force"), "{err}");
+    // Refused before any data is read or any forest fitted: no report, one sentence.
+    assert!(!err.contains("rows read") && !err.contains("validation:"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Even an input that does not exist is not opened first.
+    let out = fad().args(["train", "/nonexistent/merged.csv", "--out-dir"]).arg(&f.model).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty; use --force"));
 }
 
 #[test]
@@ -199,13 +207,11 @@ fn train_is_deterministic_whatever_n_jobs_and_takes_the_prototype_spellings() {
     for name in ["meta.json", "forest.json", "forest_bpm.json", "forest_uterus.json"] {
         let (x, y) = (std::fs::read(a.join(name)).unwrap(), std::fs::read(b.join(name)).unwrap());
         if name == "meta.json" {
-            // n_jobs is recorded in the config; everything else must match
-            let strip = |v: Vec<u8>| {
-                let mut j: serde_json::Value = serde_json::from_slice(&v).unwrap();
-                j["config"]["n_jobs"] = serde_json::Value::Null;
-                j
-            };
-            assert_eq!(strip(x), strip(y));
+            // As the README says: the recorded n_jobs is the one line that differs.
+            let (x, y) = (String::from_utf8(x).unwrap(), String::from_utf8(y).unwrap());
+            assert_eq!(x.lines().count(), y.lines().count());
+            let differ: Vec<(&str, &str)> = x.lines().zip(y.lines()).filter(|(a, b)| a != b).collect();
+            assert_eq!(differ, [(r#"    "n_jobs": 1,"#, r#"    "n_jobs": 2,"#)], "meta.json differs elsewhere");
         } else {
             assert!(x == y, "{name} differs between --n-jobs 1 and 2");
         }
@@ -219,6 +225,27 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = fad().args(["stream"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // An int max_features above the number of columns, as scikit-learn refuses it.
+    let out = fad().args(["train", "--max-features", "99", "--out-dir", "/tmp/never"]).arg(&f.merged).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-features 99 is more than the 14 feature columns"), "{err}");
+    let out = fad()
+        .args(["train", "--features", "window", "--max-features", "25", "--out-dir", "/tmp/never"])
+        .arg(&f.merged)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than the 24 feature columns"));
+    let dir = tempfile::tempdir().unwrap();
+    for (set, all) in [("filters", "14"), ("window", "24")] {
+        fad()
+            .args(["train", "--n-estimators", "3", "--features", set, "--max-features", all, "--out-dir"])
+            .arg(dir.path().join(set))
+            .arg(sample("ctu-uhb"))
+            .assert()
+            .success();
+    }
     let out = fad().args(["score", "--model", "/nonexistent/model"]).arg(&f.merged).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model/meta.json"));
@@ -546,4 +573,52 @@ fn train_class_fits_on_one_class_and_still_validates_on_all() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--train-class nope"));
+}
+
+#[test]
+fn train_counts_the_same_groups_on_stderr_and_in_meta_json() {
+    // Folder 7 under both classes is two patients; patient regular-short has too few
+    // samples for a single score, so it can be neither fitted nor validated.
+    let dir = tempfile::tempdir().unwrap();
+    let mut table = String::from("timestamp,group_id,sequence_id,bpm,uterus,target\n");
+    for (target, group, n) in [
+        ("hypoxia", "7", 120),
+        ("regular", "7", 120),
+        ("hypoxia", "8", 120),
+        ("regular", "9", 120),
+        ("regular", "short", 5),
+    ] {
+        for i in 0..n {
+            let bpm = 130 + (i * 7 + group.len() * 3) % 25;
+            let uterus = 10 + (i * 13) % 40;
+            table += &format!("{:.2},{group},{target}{group}_1,{bpm},{uterus},{target}\n", i as f64 * 0.25);
+        }
+    }
+    let merged = dir.path().join("merged.csv");
+    std::fs::write(&merged, table).unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let model = dir.path().join(out);
+        let out = fad()
+            .args(["train", "--n-estimators", "3", "--val-size", "0.5", "--random-state", "2", "--out-dir"])
+            .arg(&model)
+            .args(extra)
+            .arg(&merged)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (err, meta_of(&model)["report"].clone())
+    };
+    let (err, report) = train("all", &[]);
+    let groups = |side: &str| report[side]["groups"].as_u64().unwrap();
+    assert_eq!((groups("train"), groups("validation")), (2, 2), "{report}");
+    assert!(err.contains("2 train / 2 validation groups, 1 without scorable rows left out;"), "{err}");
+    assert_eq!(report["groups_without_scorable_rows"], 1);
+    // With --train-class the train side of the report is what the forests were fitted on,
+    // and the summary line says so.
+    let (err, report) = train("regular", &["--train-class", "regular"]);
+    let counts = (report["train"]["groups"].as_u64(), report["validation"]["groups"].as_u64());
+    assert_eq!(counts, (Some(1), Some(2)), "{report}");
+    let want = "2 train / 2 validation groups (forests fitted on the 1 train groups of class regular)";
+    assert!(err.contains(want), "{err}");
 }

@@ -138,7 +138,29 @@ fn a_broken_model_is_one_clear_error() {
         f(&mut v);
         std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
     };
+    // A forest file emptied of trees, with its checksum in meta.json updated to match.
+    let no_trees = |dir: &Path, file: &str| {
+        let p = dir.join(file);
+        let mut forest: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        forest["trees"] = serde_json::json!([]);
+        let bytes = serde_json::to_vec(&forest).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let sum = fad::model::sha256_hex(&bytes);
+        edit_meta(dir, &|v| {
+            for mf in v["model_files"].as_array_mut().unwrap() {
+                if mf["name"] == file {
+                    mf["sha256"] = serde_json::json!(sum);
+                }
+            }
+        });
+    };
     let cases: Vec<(&str, PathBuf, &str)> = vec![
+        ("no trees", broken_model("no-trees", |d| no_trees(d, "forest.json")), "forest.json: the forest has no trees"),
+        (
+            "no bpm trees",
+            broken_model("no-bpm-trees", |d| no_trees(d, "forest_bpm.json")),
+            "forest_bpm.json: the forest has no trees",
+        ),
         (
             "truncated meta",
             broken_model("truncated-meta", |d| {
@@ -208,6 +230,36 @@ fn every_subcommand_has_worked_examples_in_help() {
     }
     let top = fad().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&top.stdout).contains("Exit status"));
+}
+
+#[test]
+fn every_example_line_stays_one_line_in_help() {
+    // The width clap wraps help to when stdout is not a terminal (100), and 80 for train.
+    for (cmd, columns) in [("convert", "100"), ("train", "100"), ("score", "100"), ("stream", "100"), ("train", "80")] {
+        let out = fad().args([cmd, "--help"]).env("COLUMNS", columns).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let examples = text.split("Examples:").nth(1).unwrap();
+        assert!(examples.lines().nth(1).is_some_and(|l| l.starts_with("  ")), "{cmd}: {examples}");
+        for line in examples.lines().skip(1).take_while(|l| !l.is_empty()) {
+            let first = line.split_whitespace().next().unwrap_or("");
+            assert!(
+                line.starts_with("  ") && ["fad", "tail", "ln"].contains(&first) && line.trim().contains(' '),
+                "{cmd} --help at {columns} columns: example wrapped mid-command at {line:?}"
+            );
+            assert!(!line.trim_end().ends_with('#'), "{cmd}: {line:?}");
+        }
+    }
+}
+
+#[test]
+fn train_help_describes_the_default_model() {
+    let out = fad().args(["train", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    let about = text.split("Usage:").next().unwrap();
+    for want in ["--features filters (the default)", "three isolation forests", "bpm_anomaly and uterus_anomaly"] {
+        assert!(about.contains(want), "train --help lacks {want:?}: {about}");
+    }
+    assert!(!about.contains("fits an isolation forest"), "{about}");
 }
 
 #[test]

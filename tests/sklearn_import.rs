@@ -123,3 +123,14 @@ fn compressed_and_foreign_files_are_named() {
     assert!(import_bytes(b"{\"a\": 1}").unwrap_err().starts_with("is not a pickle of protocol 2 to 5"));
     assert_eq!(import_bytes(b"").unwrap_err(), "is empty, not a pickle");
 }
+
+#[test]
+fn a_fitted_forest_without_estimators_is_refused() {
+    // pickle.dumps(protocol=2) of an IsolationForest whose estimators_ (and
+    // estimators_features_) are empty lists; everything else is as in a fitted one.
+    let bytes = b"\x80\x02csklearn.ensemble._iforest\nIsolationForest\nq\x00)\x81q\x01}q\x02(X\x0b\x00\x00\x00\
+estimators_q\x03]q\x04X\x14\x00\x00\x00estimators_features_q\x05]q\x06X\x0e\x00\x00\x00n_features_in_q\x07K\x18\
+X\x0c\x00\x00\x00_max_samplesq\x08K\x10X\x07\x00\x00\x00offset_q\tG\xbf\xe0\x00\x00\x00\x00\x00\x00\
+X\x10\x00\x00\x00_sklearn_versionq\nX\x05\x00\x00\x001.9.1q\x0bub.";
+    assert_eq!(import_bytes(bytes).unwrap_err(), "holds an IsolationForest without trees");
+}

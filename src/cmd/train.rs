@@ -7,8 +7,8 @@ use crate::cmd::convert;
 use crate::features::{FeatureConfig, Pushed, Series};
 use crate::fit::{Contamination, FitParams, MaxFeatures, MaxSamples, Rows, fit, fit_calibrated, percentile};
 use crate::forest::ForestSpec;
-use crate::model::write_artifacts;
 use crate::model::{Meta, Model, PICKLE_FILE, Role, feature_config_from, feature_config_json, sha256_hex};
+use crate::model::{check_out_dir, write_artifacts};
 use crate::table;
 use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
@@ -166,11 +166,23 @@ pub fn build_dataset_from_dir(
     Ok(ds)
 }
 
+/// A patient: `(target, group_id)`, since folder numbers repeat across classes.
+fn group_key(s: &SeriesInfo) -> (&str, &str) {
+    (s.target.as_deref().unwrap_or_default(), &s.group_id)
+}
+
 /// Splits unique `(target, group_id)` groups with the seeded RNG; returns per-series
-/// "is validation" flags and the validation group count.
-pub fn split_groups(series: &[SeriesInfo], val_size: f64, seed: u64) -> (Vec<bool>, usize, usize) {
-    let mut groups: Vec<(String, String)> =
-        series.iter().map(|s| (s.target.clone().unwrap_or_default(), s.group_id.clone())).collect();
+/// "is validation" flags and the training and validation group counts. Only groups with
+/// a series that has scorable rows (`scorable[i]` for series i) take part, as in the
+/// prototype, which split the rows left after warm-up: a group without rows could be
+/// neither fitted nor validated.
+pub fn split_groups(series: &[SeriesInfo], scorable: &[bool], val_size: f64, seed: u64) -> (Vec<bool>, usize, usize) {
+    let mut groups: Vec<(String, String)> = series
+        .iter()
+        .zip(scorable)
+        .filter(|(_, ok)| **ok)
+        .map(|(s, _)| (s.target.clone().unwrap_or_default(), s.group_id.clone()))
+        .collect();
     groups.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| crate::data::natural_cmp(&a.1, &b.1)).then_with(|| a.1.cmp(&b.1)));
     groups.dedup();
     let mut rng = Pcg64::seed_from_u64(seed);
@@ -240,7 +252,7 @@ fn side_counts(ds: &Dataset, rows: &[usize]) -> Value {
     for &r in rows {
         let s = ds.row_series[r];
         seqs.insert(s);
-        groups.insert(&ds.series[s as usize].group_id);
+        groups.insert(group_key(&ds.series[s as usize]));
     }
     json!({"groups": groups.len(), "sequences": seqs.len(), "rows": rows.len()})
 }
@@ -261,7 +273,7 @@ fn side_report(ds: &Dataset, rows: &[usize], scores: &[f64], flags: &[[bool; 2]]
         }
         fb += flags[k][0] as u64;
         fu += flags[k][1] as u64;
-        groups.insert(&ds.series[s as usize].group_id);
+        groups.insert(group_key(&ds.series[s as usize]));
     }
     let rate = |x: u64| if n == 0 { Value::Null } else { json!(x as f64 / n as f64) };
     let q = |p: f64| if n == 0 { Value::Null } else { json!(percentile(scores, p)) };
@@ -336,6 +348,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!(crate::UsageError(format!("--flag-rate must be in (0, 0.5], got {}", args.flag_rate)));
     }
     let fc = feature_settings(&args)?;
+    if let MaxFeatures::Count(k) = params.max_features
+        && k > fc.n_features()
+    {
+        // scikit-learn raises for an int max_features above n_features, too.
+        bail!(crate::UsageError(format!(
+            "--max-features {k} is more than the {} feature columns; give a count up to {} or a fraction",
+            fc.n_features(),
+            fc.n_features()
+        )));
+    }
+    // Before any data is read: a non-empty --out-dir would otherwise be found only after
+    // the whole training.
+    check_out_dir(&args.out_dir, args.force)?;
     let t0 = Instant::now();
     let name = table::input_name(&input);
     let ds = if input.is_dir() {
@@ -351,7 +376,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             fc.warmup()
         );
     }
-    let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, args.val_size, args.random_state);
+    let mut scorable = vec![false; ds.series.len()];
+    for &s in &ds.row_series {
+        scorable[s as usize] = true;
+    }
+    let (is_val, n_train_groups, n_val_groups) = split_groups(&ds.series, &scorable, args.val_size, args.random_state);
+    let all_groups: std::collections::BTreeSet<_> = ds.series.iter().map(group_key).collect();
+    let groups_without_rows = all_groups.len() - n_train_groups - n_val_groups;
     if let Some(class) = &args.train_class
         && !ds.series.iter().any(|s| s.target.as_deref() == Some(class.as_str()))
     {
@@ -420,13 +451,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     train_report["scored_rows"] = json!(calibration_idx.len());
     let val_report = side_report(&ds, &val_idx, &val_scores, &val_flags, has_target);
+    // The split's counts; the report's train side counts only the groups the forests
+    // were fitted on, which differ with --train-class.
+    let mut split = format!("{n_train_groups} train / {n_val_groups} validation groups");
+    if let Some(class) = &args.train_class {
+        split += &format!(" (forests fitted on the {} train groups of class {class})", train_report["groups"]);
+    }
+    if groups_without_rows > 0 {
+        split += &format!(", {groups_without_rows} without scorable rows left out");
+    }
     eprintln!(
-        "fad train: {} rows read, {} scorable rows in {} sequences; {} train / {} validation groups; features {:.2}s, fit {:.2}s",
+        "fad train: {} rows read, {} scorable rows in {} sequences; {split}; features {:.2}s, fit {:.2}s",
         ds.rows_read,
         ds.n_rows(),
         ds.series.len(),
-        n_train_groups,
-        n_val_groups,
         t_features.as_secs_f64(),
         t_fit.as_secs_f64()
     );
@@ -453,6 +491,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "rows_read": ds.rows_read,
             "rows_scorable": ds.n_rows(),
             "sequences": ds.series.len(),
+            "groups_without_scorable_rows": groups_without_rows,
             "rejected_samples": ds.rejected,
             "train": train_report,
             "validation": val_report,
@@ -514,6 +553,7 @@ pub fn convert_pickle(dir: &Path, out_dir: &Path, force: bool) -> Result<()> {
             out_dir.display()
         )));
     }
+    check_out_dir(out_dir, force)?;
     // Load it as `fad score` would: meta.json, features, pickle and their agreement.
     let model = Model::load(dir)?;
     if !model.meta.model_files.is_empty() {
@@ -569,8 +609,33 @@ fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
         bail!(crate::UsageError(format!("--feature-config {} must hold a JSON object", path.display())));
     }
     let mut merged = Value::Object(feature_config_json(&base));
-    merge_json(&mut merged, overlay);
-    feature_config_from(&merged).map_err(|e| anyhow::anyhow!("--feature-config {}: {e:#}", path.display()))
+    merge_json(&mut merged, overlay.clone());
+    let fc = feature_config_from(&merged).map_err(|e| anyhow::anyhow!("--feature-config {}: {e:#}", path.display()))?;
+    // Every key must be a setting of the resulting features: a misspelt one would
+    // otherwise be ignored without a word.
+    let known = Value::Object(feature_config_json(&fc));
+    if let Some((key, choices)) = unknown_key(&overlay, &known, "") {
+        bail!("--feature-config {}: unknown key {key:?} (known here: {choices})", path.display());
+    }
+    Ok(fc)
+}
+
+/// The first key of `given` (an object, nested objects included) that `known` lacks, as
+/// a dotted path, with the keys known at that level.
+fn unknown_key(given: &Value, known: &Value, prefix: &str) -> Option<(String, String)> {
+    let (Value::Object(g), Value::Object(k)) = (given, known) else { return None };
+    for (key, value) in g {
+        let path = format!("{prefix}{key}");
+        match k.get(key) {
+            None => return Some((path, k.keys().cloned().collect::<Vec<_>>().join(", "))),
+            Some(slot) => {
+                if let Some(found) = unknown_key(value, slot, &format!("{path}.")) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Lays `top` over `base`, object by object.
@@ -621,6 +686,36 @@ mod tests {
         }
     }
 
+    fn settings_from(json: &str) -> Result<FeatureConfig> {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fc.json");
+        std::fs::write(&path, json).unwrap();
+        let args = crate::cli::Cli::try_parse_from(
+            ["fad", "train", "x", "--out-dir", "o", "--feature-config"].iter().copied().chain([path.to_str().unwrap()]),
+        )
+        .unwrap();
+        let crate::cli::Command::Train(args) = args.command else { unreachable!() };
+        feature_settings(&args).map_err(|e| anyhow::anyhow!("{e:#}").context(path.display().to_string()))
+    }
+
+    #[test]
+    fn feature_config_refuses_unknown_keys_by_name() {
+        let fc = settings_from(r#"{"max_gap_s": 30, "filters": {"warmup": 50}}"#).unwrap();
+        assert_eq!((fc.max_gap_s, fc.warmup()), (Some(30.0), 50));
+        for (json, key) in [
+            (r#"{"max_gap": 30}"#, "\"max_gap\""),
+            (r#"{"filters": {"warm_up": 50}}"#, "\"filters.warm_up\""),
+            // window settings mean nothing to the filters features
+            (r#"{"lags": [1, 2]}"#, "\"lags\""),
+        ] {
+            let e = format!("{:#}", settings_from(json).unwrap_err());
+            assert!(e.contains("fc.json: unknown key") && e.contains(key), "{json}: {e}");
+        }
+        let e = format!("{:#}", settings_from(r#"{"filters": {"warm_up": 50}}"#).unwrap_err());
+        assert!(e.contains("known here:") && e.contains("warmup"), "{e}");
+    }
+
     #[test]
     fn auc_counts_ties_as_half() {
         assert_eq!(roc_auc(&[0.1, 0.2, 0.3, 0.4], &[false, false, true, true]), Some(1.0));
@@ -636,12 +731,18 @@ mod tests {
         let s = |g: &str, t: &str| SeriesInfo { group_id: g.into(), sequence_id: "x".into(), target: Some(t.into()) };
         let series: Vec<SeriesInfo> =
             (0..10).map(|i| s(&format!("g{i}"), if i % 2 == 0 { "hypoxia" } else { "regular" })).collect();
-        let (a, n_train, n_val) = split_groups(&series, 0.2, 42);
+        let ok = vec![true; 10];
+        let (a, n_train, n_val) = split_groups(&series, &ok, 0.2, 42);
         assert_eq!((n_train, n_val), (8, 2));
         assert_eq!(a.iter().filter(|&&v| v).count(), 2);
-        let (b, _, _) = split_groups(&series, 0.2, 42);
+        let (b, _, _) = split_groups(&series, &ok, 0.2, 42);
         assert_eq!(a, b);
-        let (_, _, n_val) = split_groups(&series, 0.25, 1);
+        let (_, _, n_val) = split_groups(&series, &ok, 0.25, 1);
         assert_eq!(n_val, 3); // ceil(2.5)
+        // Groups without scorable rows are not split: 8 left, ceil(0.25 * 8) = 2.
+        let some = (0..10).map(|i| i >= 2).collect::<Vec<_>>();
+        let (c, n_train, n_val) = split_groups(&series, &some, 0.25, 1);
+        assert_eq!((n_train, n_val), (6, 2));
+        assert!(!c[0] && !c[1]);
     }
 }
