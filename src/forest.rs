@@ -149,6 +149,10 @@ impl Forest {
             // It would score every row 0 (an empty mean path), silently.
             return Err("the forest has no trees".into());
         }
+        if spec.max_samples == 0 {
+            // No tree grows on 0 rows (scikit-learn draws at least 1); it would score 0 too.
+            return Err("max_samples is 0: every tree is grown on at least one row".into());
+        }
         // Node 0 is padding, so that every leaf has a node before it to point `left` at.
         let mut nodes = vec![Node { threshold: f32::NAN, feature: 0, left: 0 }];
         let mut leaf_value = vec![f64::NAN];
@@ -453,5 +457,10 @@ mod tests {
         let mut s = stump(1.0);
         s.trees.clear();
         assert_eq!(Forest::new(&s).unwrap_err(), "the forest has no trees");
+        let mut s = stump(1.0);
+        s.max_samples = 0;
+        assert!(Forest::new(&s).unwrap_err().starts_with("max_samples is 0"));
+        s.max_samples = 1;
+        assert!(Forest::new(&s).is_ok(), "one training row is a forest (scores -0.5)");
     }
 }
