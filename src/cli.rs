@@ -241,7 +241,7 @@ fad stream --model artifacts --format json < feed.csv | jq .detection\n  \
 fad stream --model current --state fad.state --checkpoint-every 10000\n  \
 fad stream --model artifacts --max-series 50000 --idle-timeout 3600\n  \
 fad stream --model artifacts --horizon 8 --forecaster './my_forecaster.py'\n  \
-ln -sfn artifacts_v2 current && kill -HUP \"$FAD_PID\"   # switch models between two messages\n\n\
+ln -sfn artifacts_v2 current && kill -HUP \"$FAD_PID\"  # swap models live\n\n\
 Signals: SIGHUP reloads the model (the old one stays if the new one is broken); SIGINT \
 and SIGTERM save --state and end. Exit status: 0 success, 1 data or I/O error, 2 usage error."
 )]

@@ -234,8 +234,9 @@ fn every_subcommand_has_worked_examples_in_help() {
 
 #[test]
 fn every_example_line_stays_one_line_in_help() {
-    // The width clap wraps help to when stdout is not a terminal (100), and 80 for train.
-    for (cmd, columns) in [("convert", "100"), ("train", "100"), ("score", "100"), ("stream", "100"), ("train", "80")] {
+    // The width clap wraps help to when stdout is not a terminal (100), and a terminal's 80.
+    let commands = ["convert", "train", "score", "stream"];
+    for (cmd, columns) in commands.iter().flat_map(|c| [(*c, "100"), (*c, "80")]) {
         let out = fad().args([cmd, "--help"]).env("COLUMNS", columns).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let examples = text.split("Examples:").nth(1).unwrap();
