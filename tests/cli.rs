@@ -614,6 +614,11 @@ fn train_counts_the_same_groups_on_stderr_and_in_meta_json() {
     assert_eq!((groups("train"), groups("validation")), (2, 2), "{report}");
     assert!(err.contains("2 train / 2 validation groups, 1 without scorable rows left out;"), "{err}");
     assert_eq!(report["groups_without_scorable_rows"], 1);
+    // Five sequences read, four of them with scorable rows, which the two sides share.
+    assert!(err.contains("rows read in 5 sequences, ") && err.contains(" scorable rows in 4 of them;"), "{err}");
+    assert_eq!((report["sequences"].as_u64(), report["sequences_scorable"].as_u64()), (Some(5), Some(4)));
+    let seqs = |side: &str| report[side]["sequences"].as_u64().unwrap();
+    assert_eq!(seqs("train") + seqs("validation"), 4, "{report}");
     // With --train-class the train side of the report is what the forests were fitted on,
     // and the summary line says so.
     let (err, report) = train("regular", &["--train-class", "regular"]);

@@ -40,6 +40,15 @@ impl Dataset {
     pub fn n_rows(&self) -> usize {
         self.row_series.len()
     }
+
+    /// Sequences with at least one scorable row (a short one may never finish its warm-up).
+    pub fn n_scorable_series(&self) -> usize {
+        let mut seen = vec![false; self.series.len()];
+        for &s in &self.row_series {
+            seen[s as usize] = true;
+        }
+        seen.into_iter().filter(|&x| x).count()
+    }
 }
 
 /// Reads a merged table and computes the feature rows of every series. The first
@@ -461,10 +470,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         split += &format!(", {groups_without_rows} without scorable rows left out");
     }
     eprintln!(
-        "fad train: {} rows read, {} scorable rows in {} sequences; {split}; features {:.2}s, fit {:.2}s",
+        "fad train: {} rows read in {} sequences, {} scorable rows in {} of them; {split}; features {:.2}s, fit {:.2}s",
         ds.rows_read,
-        ds.n_rows(),
         ds.series.len(),
+        ds.n_rows(),
+        ds.n_scorable_series(),
         t_features.as_secs_f64(),
         t_fit.as_secs_f64()
     );
@@ -491,6 +501,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "rows_read": ds.rows_read,
             "rows_scorable": ds.n_rows(),
             "sequences": ds.series.len(),
+            "sequences_scorable": ds.n_scorable_series(),
             "groups_without_scorable_rows": groups_without_rows,
             "rejected_samples": ds.rejected,
             "train": train_report,
