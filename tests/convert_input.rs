@@ -77,6 +77,14 @@ fn names_that_cannot_be_ids_are_skipped_with_a_warning() {
     let direct = fad().args(["score", "--all", "--model"]).arg(model()).arg(&root).output().unwrap();
     assert_eq!(direct.status.code(), Some(0), "{}", text(&direct.stderr));
     assert_eq!(direct.stdout, scored.stdout);
+
+    // Without the good recording nothing usable is left: an error, not a bare header.
+    std::fs::remove_dir_all(root.join("regular/1")).unwrap();
+    let out = fad().arg("convert").arg(&root).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    let last = text(&out.stderr).lines().last().unwrap_or("").to_owned();
+    assert!(last.contains("holds no usable recordings: all 6 pair(s) were left out"), "{last}");
 }
 
 #[test]

@@ -90,6 +90,9 @@ pub fn usable_pairs(dir: &Path, command: &str) -> Result<Vec<Pair>> {
     if refused > 0 {
         warn(command, &format!("{refused} file pair(s) with unusable ids left out"));
     }
+    if pairs.is_empty() {
+        bail!("{} holds no usable recordings: all {refused} pair(s) were left out (named above)", dir.display());
+    }
     Ok(pairs)
 }
 
