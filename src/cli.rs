@@ -271,8 +271,9 @@ pub struct StreamArgs {
     #[arg(long, value_name = "N", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_series: u64,
-    /// Forget a series that got no valid sample for SECONDS of stream time (the latest
-    /// timestamp seen in the feed, not the wall clock).
+    /// Forget a series that got no valid sample for SECONDS of stream time: the feed's
+    /// timestamps, not the wall clock. A time more than SECONDS ahead of stream time moves
+    /// it only by that series' own step, so one monitor with a wrong clock makes nobody idle.
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
     pub idle_timeout: Option<f64>,
     /// Also score K future points after each scored message: its last values held, or

@@ -92,7 +92,12 @@ pub struct Engine {
     series: IndexMap<Box<[u8]>, Slot, SeriesHasher>,
     lru_head: usize,
     lru_tail: usize,
-    /// Stream time: the latest timestamp accepted into any window.
+    /// Stream time. A sample moves it forward to its time when that is at most the idle
+    /// timeout ahead; a sample further ahead moves it only by its series' own step (time
+    /// minus the series' previous time), if that step is at most the timeout. So one
+    /// monitor with a wrong clock (epoch seconds among relative ones, a year 2099) cannot
+    /// make every other series idle at once, and its later samples move the clock at the
+    /// pace of any monitor. Without an idle timeout it is the latest time seen.
     clock: f64,
     key: Vec<u8>,
     evicted: [u64; 2],
@@ -191,7 +196,7 @@ impl Engine {
         self.series.len()
     }
 
-    /// Stream time: the latest timestamp accepted so far (-inf before the first).
+    /// Stream time (-inf before the first sample; see the field for how it moves).
     pub fn clock(&self) -> f64 {
         self.clock
     }
@@ -256,6 +261,7 @@ impl Engine {
                 i
             }
         };
+        let previous = self.series[idx].series.last_time();
         let pushed = fc.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
         if !matches!(pushed, Pushed::Rejected { .. }) {
             if self.history > 0 {
@@ -265,7 +271,7 @@ impl Engine {
                 }
                 h.push_back([time, bpm, uterus]);
             }
-            self.touch(idx, time);
+            self.touch(idx, time, previous);
             self.evict_idle();
         }
         match pushed {
@@ -279,11 +285,14 @@ impl Engine {
         }
     }
 
-    /// Moves the series at map index `i` to the most recently used end, at stream time
-    /// `time` (the clock only moves forward).
-    fn touch(&mut self, i: usize, time: f64) {
-        if time > self.clock {
+    /// Moves the series at map index `i` to the most recently used end, after a sample at
+    /// `time` (its previous one at `previous`); see `clock` for how stream time moves.
+    fn touch(&mut self, i: usize, time: f64, previous: Option<f64>) {
+        let timeout = self.limits.idle_timeout.unwrap_or(f64::INFINITY);
+        if self.clock == f64::NEG_INFINITY || (time > self.clock && time - self.clock <= timeout) {
             self.clock = time;
+        } else if let Some(step) = previous.map(|p| time - p).filter(|&s| time > self.clock && s <= timeout) {
+            self.clock += step; // less than `time`: time - clock > timeout >= step
         }
         self.unlink(i);
         self.link_tail(i);
@@ -551,7 +560,7 @@ mod tests {
         /// any sequence of offers (valid or not) under both limits.
         #[test]
         fn lru_matches_a_reference(
-            ops in proptest::collection::vec((0u8..8, 0u8..4, proptest::bool::ANY), 0..300),
+            ops in proptest::collection::vec((0u8..8, 0u8..4, proptest::bool::ANY, 0u8..12), 0..300),
             max in 1usize..5,
         ) {
             let limits = Limits { max_series: Some(max), idle_timeout: Some(6.0) };
@@ -559,8 +568,9 @@ mod tests {
             let mut reference: Vec<(String, f64)> = Vec::new(); // (key, used_at), LRU first
             let mut last: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
             let mut clock = f64::NEG_INFINITY;
-            for (n, (k, step, valid)) in ops.into_iter().enumerate() {
-                let t = n as f64 * 0.5 - step as f64; // sometimes not after the series' last
+            for (n, (k, step, valid, jump)) in ops.into_iter().enumerate() {
+                // Sometimes not after the series' last, sometimes far ahead (a wrong clock).
+                let t = n as f64 * 0.5 - step as f64 + if jump == 0 { 1000.0 } else { 0.0 };
                 let key = format!("{k}");
                 let bpm = if valid { 140.0 } else { 0.0 };
                 let offer = e.offer("g", &key, t, bpm, 10.0);
@@ -568,7 +578,11 @@ mod tests {
                 let accepted = valid && (!known || last.get(&key).is_none_or(|&l| t > l));
                 proptest::prop_assert_eq!(matches!(offer, Offer::Rejected { .. }), !accepted);
                 if accepted {
-                    clock = clock.max(t);
+                    if clock == f64::NEG_INFINITY || (t > clock && t - clock <= 6.0) {
+                        clock = t;
+                    } else if let Some(&prev) = last.get(&key).filter(|&&p| t > clock && t - p <= 6.0) {
+                        clock += t - prev;
+                    }
                     if !known && reference.len() >= max {
                         reference.remove(0);
                     }
@@ -590,16 +604,27 @@ mod tests {
         let limits = Limits { max_series: None, idle_timeout: Some(10.0) };
         let mut e = Engine::with_limits(tiny_model(), limits);
         e.offer("g", "a", 0.0, 140.0, 10.0);
-        e.offer("g", "b", 5.0, 140.0, 10.0);
-        e.offer("g", "b", 6.0, 140.0, 10.0);
+        e.offer("g", "b", 0.0, 140.0, 10.0);
+        e.offer("g", "b", 4.0, 140.0, 10.0);
         e.offer("g", "b", 10.0, 140.0, 10.0);
+        assert_eq!(e.clock(), 10.0, "one series alone moves stream time by its steps");
         assert_eq!(keys(&e), ["g/a", "g/b"], "10 s idle is not more than 10 s");
-        e.offer("g", "c", 10.5, 140.0, 10.0);
-        assert_eq!(keys(&e), ["g/b", "g/c"]);
+        e.offer("g", "b", 10.5, 140.0, 10.0);
+        assert_eq!(keys(&e), ["g/b"]);
         assert_eq!(e.evicted(), (0, 1));
         // Stream time never goes back: an old timestamp of a new series does not revive anything.
         e.offer("h", "old", 1.0, 140.0, 10.0);
         assert_eq!(e.clock(), 10.5);
+        // A monitor with a wrong clock: its first time is too far ahead to be stream time,
+        // and its next steps are a monitor's; nobody becomes idle because of it.
+        e.offer("h", "rogue", 1.7e9, 140.0, 10.0);
+        e.offer("h", "rogue", 1.7e9 + 0.25, 140.0, 10.0);
+        assert_eq!(e.clock(), 10.75);
+        // Nor does a step longer than the timeout (a clock reset mid-recording).
+        e.offer("h", "old", 3600.0, 140.0, 10.0);
+        assert_eq!(e.clock(), 10.75);
+        assert_eq!(keys(&e), ["g/b", "h/rogue", "h/old"]);
+        assert_eq!(e.evicted(), (0, 1));
     }
 
     #[test]

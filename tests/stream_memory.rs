@@ -21,6 +21,34 @@ fn max_series_forgets_the_least_recently_used_with_a_note() {
 }
 
 #[test]
+fn one_monitor_with_a_wrong_clock_makes_nobody_idle() {
+    // Two monitors in relative seconds; a third in epoch seconds, a fourth in year 2099.
+    let mut feed = String::new();
+    for t in 0..60 {
+        feed += &format!("{t},140,10,g,a\n{t},141,11,g,b\n");
+        if t == 30 {
+            feed += "1733300000,140,10,g,epoch\n2099-01-01T00:00:00Z,140,10,g,future\n";
+        }
+        if t > 30 {
+            feed += &format!("{},140,10,g,epoch\n", 1733300000 + t);
+        }
+    }
+    let out = stream(&["--idle-timeout", "10"], feed.as_bytes());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("forgot series g,a") && !err.contains("forgot series g,b"), "{err}");
+    assert!(!err.contains("forgot series g,epoch"), "a monitor with a wrong clock still counts: {err}");
+    let replies = lines(&out.stdout);
+    assert_eq!(replies.len(), feed.lines().count());
+    let scored = |id: &str| replies.iter().filter(|r| r.contains(&format!(",g,{id},"))).count();
+    assert_eq!((scored("a"), scored("b")), (60 - 23, 60 - 23), "a and b never warmed up again");
+    // The clock still moves with the feed: a monitor that stops is forgotten.
+    feed += &series_lines("g", "b", 60, 15);
+    let out = stream(&["--idle-timeout", "10"], feed.as_bytes());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forgot series g,a (idle past --idle-timeout)"), "{err}");
+}
+
+#[test]
 fn idle_timeout_counts_stream_time_not_wall_time() {
     let mut feed = series_lines("g", "a", 0, 30);
     feed += &series_lines("g", "b", 25, 20); // stream time reaches 44: a (last 29) idle 15 s
