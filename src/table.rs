@@ -225,11 +225,15 @@ pub fn for_each_row(
             f(Err(bad(which, "empty".into())))?;
             continue;
         }
-        if let Some((which, why)) = [(gi, "group_id"), (si, "sequence_id")]
-            .into_iter()
-            .find_map(|(i, name)| bad_id(fields[i]).map(|why| (name, why)))
-        {
-            f(Err(bad(which, format!("{} ({})", why.describe(), why.reason()))))?;
+        if let Some((which, why)) = [(gi, "group_id"), (si, "sequence_id")].into_iter().find_map(|(i, name)| {
+            let id = fields[i];
+            let why = match bad_id(id) {
+                Some(bad) => Some(format!("{} ({})", bad.describe(), bad.reason())),
+                None => csv_breaking(id).map(|why| format!("{id:?} {why}")),
+            };
+            why.map(|why| (name, why))
+        }) {
+            f(Err(bad(which, why)))?;
             continue;
         }
         f(Ok(TableRow {
@@ -280,6 +284,18 @@ impl BadId {
             BadId::ControlChar => "control_char_in_id",
             BadId::TooLong => "id_too_long",
         }
+    }
+}
+
+/// A comma or double quote in an id: fad writes ids into CSV fields unquoted (score's
+/// rows, convert's table and feed), where it would split or open a field.
+pub fn csv_breaking(id: &str) -> Option<&'static str> {
+    if id.contains(',') {
+        Some("has a comma, which would split its CSV field")
+    } else if id.contains('"') {
+        Some("has a double quote, which would break its CSV field")
+    } else {
+        None
     }
 }
 

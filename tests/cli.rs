@@ -451,6 +451,8 @@ fn score_refuses_the_ids_stream_refuses_and_scores_the_rest() {
     };
     set(7, 1, "ward\u{1b}[31m".into());
     set(8, 2, "s".repeat(300));
+    set(10, 1, r#""g,h""#.into()); // CSV-quoted ids that fad would write back unquoted
+    set(11, 2, r#""q""x""#.into());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ids.csv");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
@@ -459,9 +461,12 @@ fn score_refuses_the_ids_stream_refuses_and_scores_the_rest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ids.csv line 8, field group_id") && err.contains("control_char_in_id"), "{err}");
     assert!(err.contains("ids.csv line 9, field sequence_id") && err.contains("id_too_long"), "{err}");
+    assert!(err.contains("ids.csv line 11, field group_id") && err.contains("comma"), "{err}");
+    assert!(err.contains("ids.csv line 12, field sequence_id") && err.contains("double quote"), "{err}");
     assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b), "no raw escape reaches a terminal");
-    let rows = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert_eq!(rows, merged.lines().count() - 2, "every other row is still answered");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().all(|l| l.split(',').count() == 8), "every row keeps its 8 fields");
+    assert_eq!(stdout.lines().count(), merged.lines().count() - 4, "every other row is still answered");
 }
 
 #[test]

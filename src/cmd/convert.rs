@@ -3,7 +3,7 @@
 use crate::cli::{ConvertArgs, ConvertOutput, Join};
 use crate::data::{Merged, Pair, discover, merge_pair};
 use crate::progress;
-use crate::table::bad_id;
+use crate::table::{bad_id, csv_breaking};
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 use std::io::{self, Write};
@@ -101,11 +101,10 @@ pub fn usable_pairs(dir: &Path, command: &str) -> Result<Vec<Pair>> {
 /// break the CSV fields of the table and of stream messages.
 fn id_problem(pair: &Pair) -> Option<String> {
     for (what, id) in [("group id", pair.group_id()), ("sequence id", pair.stem.clone())] {
-        let why = match bad_id(&id) {
-            Some(bad) => format!("{} ({})", bad.describe(), bad.reason()),
-            None if id.contains(',') => "has a comma, which would split its CSV field".into(),
-            None if id.contains('"') => "has a double quote, which would break its CSV field".into(),
-            None => continue,
+        let why = match (bad_id(&id), csv_breaking(&id)) {
+            (Some(bad), _) => format!("{} ({})", bad.describe(), bad.reason()),
+            (None, Some(why)) => why.into(),
+            (None, None) => continue,
         };
         return Some(format!("its {what} {id:?} {why}"));
     }
