@@ -44,6 +44,13 @@ impl fmt::Display for RowError {
 
 impl std::error::Error for RowError {}
 
+/// Spaces around a field: ASCII white space and Unicode spaces (no-break space and the
+/// like), but not a control character such as NEL (U+0085), which `str::trim` takes for
+/// white space: trimmed, `g<NEL>` would silently become series `g`; kept, it is refused.
+pub fn trim_padding(field: &str) -> &str {
+    field.trim_matches(|c: char| c.is_ascii_whitespace() || (c.is_whitespace() && !c.is_control()))
+}
+
 /// `trim` of an ASCII field, skipped when it neither starts nor ends with a space.
 trait TrimAsciiFast {
     fn trim_ascii_fast(&self) -> &str;
@@ -54,7 +61,7 @@ impl TrimAsciiFast for str {
     fn trim_ascii_fast(&self) -> &str {
         match (self.as_bytes().first(), self.as_bytes().last()) {
             (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => self,
-            _ => self.trim(),
+            _ => trim_padding(self),
         }
     }
 }
@@ -199,7 +206,7 @@ pub fn for_each_row(
             match text {
                 // A BOM where files were concatenated is no part of the value (as in `stream`).
                 Ok(s) if b.is_ascii() => fields[i] = s.trim_ascii_fast(),
-                Ok(s) => fields[i] = s.trim().trim_start_matches('\u{feff}').trim_start(),
+                Ok(s) => fields[i] = trim_padding(trim_padding(s).trim_start_matches('\u{feff}')),
                 Err(_) => utf8_error = Some(i),
             }
         }

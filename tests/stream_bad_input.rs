@@ -57,6 +57,10 @@ fn cases() -> Vec<(Vec<u8>, &'static str)> {
         (b"37,140,10,g,s".to_vec(), "ready:true,detection:37,g,s,140,10,"),
         // A C1 control character (CSI) in an id, as UTF-8.
         ("37.5,140,10,g\u{9b}31m,s".as_bytes().to_vec(), "error:control_char_in_id"),
+        // NEL (U+0085) is a control character, not padding: not the series g,s.
+        ("38,140,10,g,s\u{85}".as_bytes().to_vec(), "error:control_char_in_id"),
+        // A no-break space is padding.
+        ("38,140,10,\u{a0}g\u{a0},s".as_bytes().to_vec(), "ready:true,detection:38,g,s,140,10,"),
     ]
 }
 

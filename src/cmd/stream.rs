@@ -62,12 +62,13 @@ fn clean_line(mut line: &[u8]) -> &[u8] {
     line.trim_ascii()
 }
 
-/// `str::trim`, skipped when the field neither starts nor ends with a space of any kind.
+/// [`trim_padding`](crate::table::trim_padding), skipped when the field neither starts nor
+/// ends with a space of any kind.
 #[inline]
 fn trim_field(field: &str) -> &str {
     match (field.as_bytes().first(), field.as_bytes().last()) {
         (Some(&a), Some(&b)) if a.is_ascii_graphic() && b.is_ascii_graphic() => field,
-        _ => field.trim(),
+        _ => crate::table::trim_padding(field),
     }
 }
 
