@@ -283,10 +283,12 @@ pub struct StreamArgs {
     pub horizon: Option<u64>,
     /// Co-process (run with `sh -c`) that forecasts the --horizon points: it reads one JSON
     /// line per scored message, {"id", "group_id", "sequence_id", "k", "history":
-    /// {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"id": the request's id,
-    /// "bpm": [K values], "uterus": [K values]} (optionally "timestamp": [K times]; null for
-    /// a value it cannot give). A line it writes unasked, or another request's
-    /// id, stops it (forecast_error:forecaster_out_of_step).
+    /// {"timestamp", "bpm", "uterus"}}, and answers one JSON line {"id": the request's id
+    /// (a number), "bpm": [K values], "uterus": [K values]} (optionally "timestamp": [K
+    /// times]; null for a value it cannot give). The next line after a request is its
+    /// answer: one that cannot be read gives forecast_error:forecaster_bad_answer for that
+    /// message; another request's id, or a line already waiting when fad asks, stops the
+    /// co-process (forecast_error:forecaster_out_of_step).
     #[arg(long, value_name = "CMD", requires = "horizon")]
     pub forecaster: Option<String>,
     /// Valid samples of history per series sent to the --forecaster.
