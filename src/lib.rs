@@ -49,6 +49,31 @@ pub fn set_threads(n: usize) -> anyhow::Result<()> {
 /// Text from input files (ids, column names, globals of a pickle, file names) can reach a
 /// message on stderr; control characters in it are escaped, so that the message stays one
 /// line and cannot move the cursor or colour the terminal.
+/// Standard output whose write errors name it: a full disk would otherwise read
+/// "fad: No space left on device", naming nothing. A broken pipe stays as it is (a closed
+/// `| head` ends quietly).
+pub struct Stdout<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for Stdout<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(name_stdout)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf).map_err(name_stdout)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(name_stdout)
+    }
+}
+
+fn name_stdout(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        e
+    } else {
+        std::io::Error::new(e.kind(), format!("cannot write to standard output: {e}"))
+    }
+}
+
 pub fn escape_controls(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }

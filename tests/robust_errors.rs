@@ -279,3 +279,25 @@ fn nothing_decorative_on_a_stderr_that_is_not_a_terminal() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains('\r') && !err.contains('\u{1b}'), "{err:?}");
 }
+
+#[test]
+fn a_full_disk_on_stdout_is_named_exit_1() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("note: no /dev/full here; skipped");
+        return;
+    };
+    let sample = repo().join("data/sample/ctu-uhb");
+    let feed = scratch("full-disk").join("feed.csv");
+    std::fs::write(&feed, series_lines("g", "s", 0, 40)).unwrap();
+    let runs: [Vec<std::ffi::OsString>; 3] = [
+        vec!["convert".into(), sample.clone().into()],
+        vec!["score".into(), sample.into(), "--model".into(), model().into()],
+        vec!["stream".into(), "--model".into(), model().into(), "--input".into(), feed.into()],
+    ];
+    for args in runs {
+        let out = fad().args(&args).stdout(full.try_clone().unwrap()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("fad: cannot write to standard output: No space left on device"), "{args:?}: {err}");
+    }
+}

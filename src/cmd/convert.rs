@@ -205,7 +205,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         bail!(crate::UsageError("--realtime goes with --as feed".into()));
     }
     let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut out = io::BufWriter::with_capacity(1 << 16, crate::Stdout(stdout.lock()));
     match args.output {
         ConvertOutput::Table => {
             write_table(&args.data_dir, args.join, args.bad_files.skip_bad, "convert", &mut out)?;

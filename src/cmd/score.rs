@@ -48,7 +48,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         .name("fad-score-writer".into())
         .spawn(move || -> io::Result<()> {
             let stdout = io::stdout();
-            let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            let mut out = io::BufWriter::with_capacity(1 << 16, crate::Stdout(stdout.lock()));
             out.write_all(header.as_bytes())?;
             let mut detections = Vec::new();
             for job in batches {

@@ -853,7 +853,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
     let opts =
         Options { model_path: args.model.clone(), state: args.state.clone(), checkpoint_every: args.checkpoint_every };
     let stdout = io::stdout();
-    let mut stream = Stream::new(engine, stdout.lock(), args.format);
+    let mut stream = Stream::new(engine, crate::Stdout(stdout.lock()), args.format);
     if let Some(k) = args.horizon {
         let forecaster = match &args.forecaster {
             Some(cmd) => Some(
