@@ -111,9 +111,12 @@ class AnomalyService:
         self._stderr_thread = threading.Thread(target=_drain, args=(proc.stderr, self._stderr), daemon=True)
         self._stderr_thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, proc, 10.0)
-        # fad answers a header line like any other: a reply proves the model loaded.
+        # fad answers a header line like any other: a reply proves the model loaded. A
+        # reply that is not one (extra_args with --help, say, print text and exit) is refused.
         try:
-            self._exchange(self._line_of(HEADER))
+            reply = self._exchange(self._line_of(HEADER))
+            if not reply.startswith(("ready:", '{"ready":')):
+                raise FadError(f"{' '.join(command)} does not answer messages; it printed {reply[:200]!r}")
         except FadError:
             self.close()
             raise
@@ -191,6 +194,11 @@ class AnomalyService:
         self._stderr_thread.join(timeout=2)
         self._finalizer()
         said = _error_of(list(self._stderr))
-        detail = f": {said}" if said else ""
+        if said:
+            detail = f": {said}"
+        elif code == 0:
+            detail = " before its input ended: it does not answer messages (--help in extra_args?)"
+        else:
+            detail = ""
         self._dead = f"fad stream (model {self.model_dir}) ended with exit status {code}{detail}"
         return FadError(self._dead)

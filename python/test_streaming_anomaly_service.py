@@ -143,6 +143,16 @@ class ServiceTest(unittest.TestCase):
         self.assertIn("ended with exit status 2: error: unexpected argument '--horizn'", said)
         self.assertIn("tip: a similar argument exists: '--horizon'", said)
 
+    def test_extra_arguments_that_print_and_exit_are_refused_at_once(self):
+        for args in (["--help"], ["-h"]):
+            with self.assertRaises(FadError) as cm:
+                AnomalyService(MODEL, fad_path=FAD, extra_args=args)
+            self.assertIn("does not answer messages", str(cm.exception))
+
+    def test_json_replies_pass_the_start_check(self):
+        with AnomalyService(MODEL, fad_path=FAD, extra_args=["--format", "json"]) as svc:
+            self.assertTrue(svc.process_message("0,140,10,g,s").startswith('{"ready":false'))
+
     def test_a_missing_binary_is_a_clear_error(self):
         with self.assertRaises(FadError) as cm:
             AnomalyService(MODEL, fad_path="/nonexistent/fad")
