@@ -459,10 +459,11 @@ fn split_key(key: &[u8]) -> (String, String) {
     (text(&key[..cut]), text(key.get(cut + 1..).unwrap_or(&[])))
 }
 
-/// Seconds from 1970 to 9999-12-31T23:59:59Z: a larger |timestamp| is no time a monitor
-/// writes, and taken as one it would end its series (every later time "not after") and
-/// move the stream clock of --idle-timeout.
-const LATEST_TIME: f64 = 253_402_300_799.0;
+/// The latest time an ISO date-time can name (jiff's range: 9999-12-30T22:00:00Z), and a
+/// number of seconds too, so that both spellings of one instant agree. A larger
+/// |timestamp| is no time a monitor writes, and taken as one it would end its series
+/// (every later time "not after").
+const LATEST_TIME: f64 = 253_402_207_200.0;
 
 /// Parses a timestamp: seconds (integer or decimal, epoch or relative), or an ISO 8601 /
 /// RFC 3339 date-time; one without a zone is taken as UTC.
@@ -473,12 +474,14 @@ pub fn parse_timestamp(text: &str) -> Option<f64> {
     if !text.contains('-') {
         return None;
     }
+    // Whole seconds and the fraction apart: i128 nanoseconds through f64 would round a
+    // whole second off itself.
+    let seconds = |ts: jiff::Timestamp| ts.as_second() as f64 + f64::from(ts.subsec_nanosecond()) / 1e9;
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
-        return Some(ts.as_nanosecond() as f64 / 1e9);
+        return Some(seconds(ts));
     }
     let civil: jiff::civil::DateTime = text.parse().ok()?;
-    let ts = civil.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok()?.timestamp();
-    Some(ts.as_nanosecond() as f64 / 1e9)
+    Some(seconds(civil.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok()?.timestamp()))
 }
 
 /// Parses a signal value; an empty field is a missing value (NaN, i.e. signal loss).
@@ -505,7 +508,13 @@ mod tests {
         // no time a monitor writes: it would end its series and move the stream clock
         assert_eq!(parse_timestamp("1e308"), None);
         assert_eq!(parse_timestamp("-1e12"), None);
-        assert_eq!(parse_timestamp("253402300799"), Some(253_402_300_799.0));
+        assert_eq!(LATEST_TIME, jiff::Timestamp::MAX.as_second() as f64);
+        assert_eq!(parse_timestamp("1969-12-31T23:59:59.5Z"), Some(-0.5));
+        assert_eq!(parse_timestamp("2024-12-04T10:00:00.25Z"), Some(1_733_306_400.25));
+        assert_eq!(parse_timestamp("253402207200"), Some(253_402_207_200.0));
+        assert_eq!(parse_timestamp("9999-12-30T22:00:00Z"), Some(253_402_207_200.0), "the same instant");
+        assert_eq!(parse_timestamp("253402207201"), None);
+        assert_eq!(parse_timestamp("9999-12-30T22:00:01Z"), None);
     }
 
     fn tiny_model() -> Arc<Model> {
