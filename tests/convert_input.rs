@@ -165,6 +165,7 @@ fn score_and_train_take_skip_bad_for_a_data_directory_and_warn_in_their_own_name
         assert_eq!(out.status.code(), Some(1), "{command}: {err}");
         let last = err.lines().last().unwrap();
         assert!(last.contains("regular/9/bpm/bad_1.csv line 3, field value") && last.contains("--skip-bad"), "{last}");
+        assert!(last.find("bad_1.csv") < last.find("--skip-bad"), "the problem first, then the hint: {last}");
         assert!(err.contains(&format!("fad {command}: no partner for")), "{command}: {err}");
         assert!(!err.contains("fad convert"), "{command}: {err}");
     }

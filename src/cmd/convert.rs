@@ -36,7 +36,7 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, command: &str, out: &
                     warn(command, &format!("skipped {}: {e:#}", pair.stem));
                     skipped += 1;
                 }
-                Err(e) => return Err(e.context(SKIP_BAD_HINT)),
+                Err(e) => return Err(with_skip_bad_hint(e)),
             }
             bar.inc(1);
         }
@@ -48,6 +48,11 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, command: &str, out: &
 
 /// The context of a malformed file's error, for every command that takes `--skip-bad`.
 pub const SKIP_BAD_HINT: &str = "use --skip-bad to leave bad files out";
+
+/// The error of a malformed file, then the hint (the problem first, as users read it).
+pub fn with_skip_bad_hint(e: anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#} ({SKIP_BAD_HINT})")
+}
 
 /// The count at the end of the files `--skip-bad` left out.
 pub fn report_skipped(command: &str, skipped: usize) {
@@ -160,7 +165,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
                 warn("convert", &format!("skipped {}: {e:#}", pairs[i].stem));
                 Merged::default()
             }
-            Err(e) => return Err(e.context(SKIP_BAD_HINT)),
+            Err(e) => return Err(with_skip_bad_hint(e)),
         };
         for j in 0..rows.len() {
             order.push((rows.time(j), i as u32, j as u32));

@@ -152,7 +152,7 @@ pub fn build_dataset_from_dir(
                     skipped += 1;
                     continue;
                 }
-                Err(e) => return Err(e.context(convert::SKIP_BAD_HINT)),
+                Err(e) => return Err(convert::with_skip_bad_hint(e)),
             };
             if read == 0 {
                 continue; // no row in the table, so no series either
