@@ -632,3 +632,28 @@ fn train_counts_the_same_groups_on_stderr_and_in_meta_json() {
     let want = "2 train / 2 validation groups (forests fitted on the 1 train groups of class regular)";
     assert!(err.contains(want), "{err}");
 }
+
+#[test]
+fn a_bad_feature_config_file_is_a_data_error_naming_it() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, says) in [
+        ("array.json", "[1]", "must hold a JSON object"),
+        ("broken.json", "{\"filters\": ", "is not valid JSON"),
+        ("typo.json", "{\"filters\": {\"warm_up\": 60}}", "warm_up"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = fad()
+            .args(["train", "--n-estimators", "2", "--feature-config"])
+            .arg(&path)
+            .arg("--out-dir")
+            .arg(dir.path().join("m"))
+            .arg(&f.merged)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(name) && err.contains(says), "{name}: {err}");
+    }
+}

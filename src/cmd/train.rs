@@ -617,7 +617,7 @@ fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
     let overlay: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("--feature-config {} is not valid JSON: {e}", path.display()))?;
     if !overlay.is_object() {
-        bail!(crate::UsageError(format!("--feature-config {} must hold a JSON object", path.display())));
+        bail!("--feature-config {} must hold a JSON object", path.display());
     }
     let mut merged = Value::Object(feature_config_json(&base));
     merge_json(&mut merged, overlay.clone());
