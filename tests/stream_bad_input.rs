@@ -57,6 +57,9 @@ fn cases() -> Vec<(Vec<u8>, &'static str)> {
         (b"37,140,10,g,s".to_vec(), "ready:true,detection:37,g,s,140,10,"),
         // A C1 control character (CSI) in an id, as UTF-8.
         ("37.5,140,10,g\u{9b}31m,s".as_bytes().to_vec(), "error:control_char_in_id"),
+        // A header in another order: the lines after it would not be read as written.
+        (b"timestamp,group_id,sequence_id,bpm,uterus".to_vec(), "needed:24,error:wrong_header"),
+        (b"TIMESTAMP,BPM,Uterus,group_id,sequence_id".to_vec(), "ready:false,detection:,needed:24"),
         // NEL (U+0085) is a control character, not padding: not the series g,s.
         ("38,140,10,g,s\u{85}".as_bytes().to_vec(), "error:control_char_in_id"),
         // A no-break space is padding.

@@ -103,7 +103,13 @@ pub fn parse_line(raw: &[u8]) -> Parsed<'_> {
         return Parsed::Bad { reason: "wrong_field_count", key: None };
     }
     if f[0].eq_ignore_ascii_case("timestamp") {
-        return Parsed::Header;
+        // A header in another order says the lines after it are in that order, which
+        // fad does not read: say so here rather than with a bad_bpm on every line.
+        let stream_order = ["timestamp", "bpm", "uterus", "group_id", "sequence_id"];
+        if f.iter().zip(stream_order).all(|(a, b)| a.eq_ignore_ascii_case(b)) {
+            return Parsed::Header;
+        }
+        return Parsed::Bad { reason: "wrong_header", key: None };
     }
     let key = (f[3], f[4]);
     if let Some(bad) = bad_id(key.0).max(bad_id(key.1)) {
