@@ -152,3 +152,18 @@ fn a_forecaster_that_writes_unasked_lines_is_stopped_not_followed_out_of_step() 
     assert!(scored.last().unwrap().ends_with(",forecast_error:forecaster_out_of_step"), "{scored:?}");
     assert!(err.contains("out of step"), "{err}");
 }
+
+#[test]
+fn forecast_times_are_written_to_the_microsecond() {
+    // LCT 2025's 7.87 Hz: steps of 0.127029 s, whose sums are not exact in binary.
+    let feed: String =
+        (0..30).map(|i| format!("{:.6},{},{},g,s\n", 15.0 + i as f64 * 0.127029, 140 + i % 3, 10 + i % 2)).collect();
+    let (replies, _) = stream(&["--horizon", "3"], &feed);
+    let last = points(replies.last().unwrap());
+    for p in &last {
+        let decimals = p[0].split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 6, "{:?}", p[0]);
+    }
+    let t: Vec<f64> = last.iter().map(|p| p[0].parse().unwrap()).collect();
+    assert!((t[0] - (15.0 + 30.0 * 0.127029)).abs() < 1e-6, "{t:?}");
+}

@@ -352,6 +352,9 @@ impl<W: Write> ReplyWriter<W> {
         }
         for (i, p) in points.iter().enumerate() {
             let [t, bpm, uterus] = p.point;
+            // Times are sums of steps: written to the microsecond, 15.751588 and not
+            // 15.751587999999998 (where microseconds are exact in an f64: epoch times are).
+            let t = if (t * 1e6).abs() < 2f64.powi(53) { (t * 1e6).round() / 1e6 } else { t };
             let d = p.batch_index.map(|i| detections[i]);
             match self.format {
                 ReplyFormat::Text => {
