@@ -276,6 +276,12 @@ impl Merged {
         (time, value(&self.bpm, b), value(&self.uterus, u))
     }
     /// The timestamp of row `i` in seconds.
+    /// Rows whose time repeats the row before (a file with a time twice): the engine
+    /// scores only the first of them (`timestamp_not_after_previous`).
+    pub fn repeated_times(&self) -> usize {
+        (1..self.len()).filter(|&i| self.time(i) == self.time(i - 1)).count()
+    }
+
     pub fn time(&self, i: usize) -> f64 {
         let (b, u) = self.rows[i];
         if b != NONE { self.bpm.rows[b as usize].time } else { self.uterus.rows[u as usize].time }

@@ -182,3 +182,20 @@ fn score_and_train_take_skip_bad_for_a_data_directory_and_warn_in_their_own_name
     assert_eq!(sample.status.code(), Some(0));
     assert_eq!(score(&["--skip-bad"]).stdout, sample.stdout);
 }
+
+#[test]
+fn repeated_times_are_kept_and_named() {
+    let root = scratch("repeated-times").join("data");
+    recording(&root, "regular", "1", "twice", 10);
+    let bpm = root.join("regular/1/bpm/twice_1.csv");
+    let mut text_of_bpm = std::fs::read_to_string(&bpm).unwrap();
+    text_of_bpm.push_str("9.25,140\n"); // the last time again
+    std::fs::write(&bpm, text_of_bpm).unwrap();
+    for kind in ["table", "feed"] {
+        let out = fad().arg("convert").arg(&root).args(["--as", kind]).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert_eq!(text(&out.stdout).lines().filter(|l| l.starts_with("9.25,")).count(), 2, "kept: {kind}");
+        assert!(err.contains("twice_1.csv: 1 row(s) repeat the time of the row before"), "{kind}: {err}");
+    }
+}

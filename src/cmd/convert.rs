@@ -25,12 +25,13 @@ pub fn write_table(dir: &Path, join: Join, skip_bad: bool, command: &str, out: &
     let mut rows = 0u64;
     let mut skipped = 0usize;
     for batch in pairs.chunks(BATCH) {
-        let rendered: Vec<Result<(Vec<u8>, u64)>> = batch.par_iter().map(|p| render_pair(p, join)).collect();
+        let rendered: Vec<Result<(Vec<u8>, u64, usize)>> = batch.par_iter().map(|p| render_pair(p, join)).collect();
         for (pair, r) in batch.iter().zip(rendered) {
             match r {
-                Ok((bytes, n)) => {
+                Ok((bytes, n, repeated)) => {
                     out.write_all(&bytes)?;
                     rows += n;
+                    warn_repeated(command, pair, repeated);
                 }
                 Err(e) if skip_bad => {
                     warn(command, &format!("skipped {}: {e:#}", pair.stem));
@@ -130,7 +131,16 @@ fn report_unpaired(command: &str, unpaired: &[std::path::PathBuf]) {
     }
 }
 
-fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
+/// Names a pair with repeated times (kept as they are, as a merge on time would).
+fn warn_repeated(command: &str, pair: &Pair, repeated: usize) {
+    if repeated > 0 {
+        let what = format!("{} row(s) repeat the time of the row before", repeated);
+        warn(command, &format!("{}: {what}; only the first of each is scored", pair.bpm.display()));
+    }
+}
+
+/// A pair's table rows, their count and how many repeat the time before them.
+fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64, usize)> {
     let merged = merge_pair(pair, join)?;
     let gid = pair.group_id();
     // ",<group>,<sequence>," and ",<class>\n" are the same on every row.
@@ -146,7 +156,7 @@ fn render_pair(pair: &Pair, join: Join) -> Result<(Vec<u8>, u64)> {
         buf.extend_from_slice(u.as_bytes());
         buf.extend_from_slice(tail.as_bytes());
     }
-    Ok((buf, merged.len() as u64))
+    Ok((buf, merged.len() as u64, merged.repeated_times()))
 }
 
 /// Writes every pair as stream messages merged in timestamp order, optionally paced.
@@ -160,7 +170,10 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
     let mut tables: Vec<Merged> = Vec::with_capacity(merged.len());
     for (i, r) in merged {
         let rows = match r {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                warn_repeated("convert", &pairs[i], rows.repeated_times());
+                rows
+            }
             Err(e) if skip_bad => {
                 warn("convert", &format!("skipped {}: {e:#}", pairs[i].stem));
                 Merged::default()
