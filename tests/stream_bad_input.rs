@@ -191,3 +191,11 @@ fn fifty_mebibytes_without_a_newline_cost_bounded_memory_and_one_reply() {
     eprintln!("peak RSS while reading a 50 MiB line: {peak_kib} KiB");
     assert!(peak_kib > 0 && peak_kib < 48 * 1024, "peak RSS {peak_kib} KiB");
 }
+
+#[test]
+fn the_summary_counts_header_lines_apart() {
+    let out = stream(&[], b"timestamp,bpm,uterus,group_id,sequence_id\n0,140,10,g,s\nx,1,2,g,s\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = "3 lines, 0 scored, 1 warming up, 1 not scorable (bad_timestamp 1), 1 header line(s)";
+    assert!(err.contains(want), "{err}");
+}

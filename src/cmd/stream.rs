@@ -152,8 +152,19 @@ enum LineRef {
 
 /// The reply to one line before the batch is scored.
 enum Reply {
-    NotReady { needed: usize, error: Option<&'static str> },
-    Scored { echo: Echo, batch_index: usize, forecast: Option<Forecast> },
+    NotReady {
+        needed: usize,
+        error: Option<&'static str>,
+    },
+    /// A header line: answered like a message of an unknown series, counted apart.
+    Header {
+        needed: usize,
+    },
+    Scored {
+        echo: Echo,
+        batch_index: usize,
+        forecast: Option<Forecast>,
+    },
 }
 
 /// The --horizon points of one scored message, or why there are none.
@@ -422,6 +433,7 @@ pub struct Tally {
     pub lines: u64,
     pub scored: u64,
     pub warming: u64,
+    pub headers: u64,
     pub rejected: BTreeMap<&'static str, u64>,
     /// Series forgotten: (over --max-series, idle).
     pub evicted: (u64, u64),
@@ -437,6 +449,9 @@ impl Tally {
         );
         if total > 0 {
             s.push_str(&format!(" ({})", reasons.join(", ")));
+        }
+        if self.headers > 0 {
+            s.push_str(&format!(", {} header line(s)", self.headers));
         }
         let (max, idle) = self.evicted;
         if max + idle > 0 {
@@ -583,7 +598,7 @@ impl<W: Write> Stream<W> {
                         Reply::Scored { echo: Echo::new(&self.buf, &m), batch_index, forecast }
                     }
                 },
-                Parsed::Header => Reply::NotReady { needed: warmup, error: None },
+                Parsed::Header => Reply::Header { needed: warmup },
                 Parsed::Blank => Reply::NotReady { needed: warmup, error: Some("empty_line") },
                 Parsed::Bad { reason, key } => {
                     let needed = key.map_or(warmup, |(g, s)| self.engine.needed(g, s));
@@ -610,6 +625,10 @@ fn write_reply<W: Write>(
     reply: &Reply,
 ) -> io::Result<()> {
     match reply {
+        Reply::Header { needed } => {
+            tally.headers += 1;
+            out.not_ready(*needed, None)
+        }
         Reply::NotReady { needed, error } => {
             match error {
                 Some(e) => *tally.rejected.entry(e).or_default() += 1,
