@@ -478,7 +478,11 @@ pub fn parse_timestamp(text: &str) -> Option<f64> {
     // whole second off itself.
     let seconds = |ts: jiff::Timestamp| ts.as_second() as f64 + f64::from(ts.subsec_nanosecond()) / 1e9;
     if let Ok(ts) = text.parse::<jiff::Timestamp>() {
-        return Some(seconds(ts));
+        // ISO 8601 and RFC 3339 offsets stay under 24 hours (jiff takes up to 25:59:59).
+        let offset = jiff::fmt::temporal::Pieces::parse(text).ok().and_then(|p| p.offset());
+        let a_day_or_more = matches!(offset, Some(jiff::fmt::temporal::PiecesOffset::Numeric(n))
+            if n.offset().seconds().abs() >= 24 * 3600);
+        return (!a_day_or_more).then(|| seconds(ts));
     }
     let civil: jiff::civil::DateTime = text.parse().ok()?;
     Some(seconds(civil.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok()?.timestamp()))
@@ -510,6 +514,9 @@ mod tests {
         assert_eq!(parse_timestamp("-1e12"), None);
         assert_eq!(LATEST_TIME, jiff::Timestamp::MAX.as_second() as f64);
         assert_eq!(parse_timestamp("1969-12-31T23:59:59.5Z"), Some(-0.5));
+        assert_eq!(parse_timestamp("2024-01-01T00:00:00+2400"), None, "no offset of a day or more");
+        assert_eq!(parse_timestamp("2024-01-01T00:00:00-25:00"), None);
+        assert_eq!(parse_timestamp("2024-01-01T23:00:00+23:00"), Some(1_704_067_200.0));
         assert_eq!(parse_timestamp("2024-12-04T10:00:00.25Z"), Some(1_733_306_400.25));
         assert_eq!(parse_timestamp("253402207200"), Some(253_402_207_200.0));
         assert_eq!(parse_timestamp("9999-12-30T22:00:00Z"), Some(253_402_207_200.0), "the same instant");
