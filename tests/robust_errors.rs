@@ -46,10 +46,16 @@ fn convert_names_the_file_line_and_field() {
         let out = fad().arg("convert").arg(&root).output().unwrap();
         let err = one_error(&out);
         assert!(err.contains("regular/1/bpm/r_1.csv") && err.contains(want), "{name}: {err}");
-        // --skip-bad leaves the file out and says so, exit 0.
-        let out = fad().arg("convert").arg(&root).arg("--skip-bad").output().unwrap();
-        assert!(out.status.success(), "{name}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("skipped"), "{name}");
+        // --skip-bad leaves the file out and says so, with a count, exit 0; so does the feed.
+        for kind in ["table", "feed"] {
+            let out = fad().arg("convert").arg(&root).args(["--skip-bad", "--as", kind]).output().unwrap();
+            assert!(out.status.success(), "{name}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("skipped") && err.contains("1 malformed file pair(s) skipped"),
+                "{name} {kind}: {err}"
+            );
+        }
     }
     // Oddities that are data, not errors: CRLF, a BOM, empty values, negative and huge numbers.
     let dir = scratch("convert-odd");

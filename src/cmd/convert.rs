@@ -168,6 +168,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
     // (time, pair index, row index) for a global, deterministic timestamp order
     let mut order: Vec<(f64, u32, u32)> = Vec::new();
     let mut tables: Vec<Merged> = Vec::with_capacity(merged.len());
+    let mut skipped = 0usize;
     for (i, r) in merged {
         let rows = match r {
             Ok(rows) => {
@@ -176,6 +177,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
             }
             Err(e) if skip_bad => {
                 warn("convert", &format!("skipped {}: {e:#}", pairs[i].stem));
+                skipped += 1;
                 Merged::default()
             }
             Err(e) => return Err(with_skip_bad_hint(e)),
@@ -187,6 +189,7 @@ fn write_feed(dir: &Path, join: Join, skip_bad: bool, realtime: Option<f64>, out
         bar.inc(1);
     }
     bar.finish_and_clear();
+    report_skipped("convert", skipped);
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     // ",<group>,<sequence>\n" of every pair
     let tails: Vec<String> = pairs.iter().map(|p| format!(",{},{}\n", p.group_id(), p.stem)).collect();
