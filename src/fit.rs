@@ -291,6 +291,62 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// The AVX-512 path, the portable batch path and the one-row path give the same
+        /// bits, for forests of any tree count (groups of 16 and a padded remainder),
+        /// shallow and deep trees, rows up to the vector path's width and beyond, and
+        /// rows with ties, NaN and infinities.
+        #[test]
+        fn every_scoring_path_gives_the_same_bits(
+            n_trees in 1usize..40,
+            n_features in 1usize..36,
+            n_rows in 1usize..300,
+            seed in 0u64..1_000_000,
+            odd in proptest::collection::vec((0usize..300, 0usize..36, 0u8..4), 0..20),
+        ) {
+            let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut next = move || {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 40) as f32 / 1024.0
+            };
+            // Few distinct values per column: ties with thresholds and shallow leaves.
+            let mut data: Vec<f32> = (0..n_rows * n_features).map(|i| (next() * (1 + i % 7) as f32).round()).collect();
+            let fitted = {
+                let rows = Rows { data: &data, n_features };
+                let allowed: Vec<u32> = (0..n_features as u32).collect();
+                fit(&rows, &allowed, &params(n_trees, Contamination::Auto), seed).0
+            };
+            // Values on and just above the trees' thresholds, in the columns they split.
+            let splits: Vec<(usize, f32)> = fitted.trees.iter().flat_map(|t| {
+                t.feature.iter().zip(&t.threshold).filter(|(f, _)| **f >= 0)
+                    .map(|(f, th)| (t.features[*f as usize] as usize, crate::forest::f32_at_or_below(*th)))
+            }).collect();
+            for (i, row) in data.chunks_mut(n_features).enumerate() {
+                if let Some(&(c, t)) = splits.get(i % 3 * i % splits.len().max(1)) {
+                    row[c] = if i % 2 == 0 { t } else { t.next_up() };
+                }
+            }
+            for (r, c, kind) in odd {
+                let v = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0][kind as usize];
+                data[(r % n_rows) * n_features + c % n_features] = v;
+            }
+            let vector = Forest::new(&fitted).unwrap();
+            if n_features <= 32 && std::arch::is_x86_feature_detected!("avx512f") && std::env::var_os("FAD_NO_AVX512").is_none() {
+                proptest::prop_assert!(vector.vector_path(), "the vector path should be on here");
+            }
+            let portable = vector.clone().without_vector_path();
+            let (mut a, mut b) = (vec![0.0; n_rows], vec![0.0; n_rows]);
+            vector.score_samples_batch(&data, &mut a);
+            portable.score_samples_batch(&data, &mut b);
+            for (i, row) in data.chunks(n_features).enumerate() {
+                let one = portable.score_samples_row(row);
+                proptest::prop_assert_eq!(a[i].to_bits(), b[i].to_bits(), "row {}: vector {} portable {}", i, a[i], b[i]);
+                proptest::prop_assert_eq!(one.to_bits(), b[i].to_bits(), "row {}: alone {} batch {}", i, one, b[i]);
+            }
+        }
+    }
+
     #[test]
     fn one_training_row_scores_minus_one_half_and_is_not_flagged() {
         let data = [3.0f32, 4.0];

@@ -6,7 +6,13 @@
 //! [`Forest::new`] compiles that into one flat array per forest in which the children of
 //! a node are adjacent, so that one step of a descent is `next = left + !(x <= t)` with
 //! no branch; leaves loop onto themselves, so every row can take exactly `depth` steps
-//! and several rows can be in flight through the same tree at once.
+//! and several rows can be in flight through the same tree at once. On x86-64 with
+//! AVX-512, batches of narrow rows instead take 16 trees per vector, one row at a time
+//! (several rows in flight), which halves the cost again.
+//!
+//! Every path sums the trees' path lengths in the same order (tree `t` into partial sum
+//! `t % 16`, the 16 partial sums then left to right), so a row scores to the same bit
+//! alone, in a batch, with or without AVX-512.
 
 use serde::{Deserialize, Serialize};
 
@@ -132,7 +138,30 @@ pub struct Forest {
     /// n_trees * c(max_samples); None when that is 0 (one training row), where
     /// scikit-learn takes the normalised path as 1, i.e. a score of -0.5.
     norm: Option<f64>,
+    /// The trees in runs of [`GROUP`] for the vector path; empty when rows are wider than
+    /// [`NARROW`], the nodes are wide, or the CPU has no AVX-512.
+    groups: Vec<Group>,
 }
+
+/// Trees scored side by side in one vector, and the partial sums the path lengths
+/// are kept in (tree `t` goes to sum `t % GROUP`).
+const GROUP: usize = 16;
+
+/// [`GROUP`] consecutive trees (the last run padded with a leaf worth 0): the nodes
+/// of their first two levels laid out lane by lane, so that the first two steps load
+/// them instead of gathering, and the steps that take every tree to a leaf.
+#[derive(Clone, Debug)]
+struct Group {
+    /// Each lane's first [`TOP_LEVELS`] levels in heap order: root, its left and right
+    /// child, their children... (below a leaf: the node before it, never taken, and
+    /// the leaf itself, as a step from a leaf gives).
+    top: [[Packed; GROUP]; TOP_NODES],
+    depth: u32,
+}
+
+/// Levels of every group's trees that the vector path loads instead of gathering.
+const TOP_LEVELS: usize = 3;
+const TOP_NODES: usize = (1 << TOP_LEVELS) - 1;
 
 /// Rows in flight per tree during batch scoring.
 const LANES: usize = 16;
@@ -223,6 +252,10 @@ impl Forest {
             }
             roots.push((base as u32, max_depth));
         }
+        // A leaf worth 0 for the spare lanes of the last group.
+        let zero_leaf = nodes.len() as u32;
+        nodes.push(Node { threshold: f32::NAN, feature: 0, left: zero_leaf - 1 });
+        leaf_value.push(0.0);
         if nodes.len() > u32::MAX as usize / 2 {
             return Err(format!("the forest has {} nodes, too many to index", nodes.len()));
         }
@@ -234,6 +267,30 @@ impl Forest {
             Nodes::Wide(nodes)
         };
         let denom = spec.trees.len() as f64 * average_path_length(spec.max_samples as f64);
+        let groups = match nodes {
+            Nodes::Packed(_) if spec.n_features <= NARROW && vector::available() => roots
+                .chunks(GROUP)
+                .map(|run| {
+                    let Nodes::Packed(packed) = &nodes else { unreachable!() };
+                    // Heap order: node k's children are 2k+1 and 2k+2.
+                    let mut at = [[0usize; GROUP]; TOP_NODES];
+                    for (j, root) in at[0].iter_mut().enumerate() {
+                        *root = run.get(j).map_or(zero_leaf, |r| r.0) as usize;
+                    }
+                    for k in 1..TOP_NODES {
+                        at[k] = std::array::from_fn(|j| {
+                            let parent = at[(k - 1) / 2][j];
+                            (packed[parent].link >> 8) as usize + (k + 1) % 2
+                        });
+                    }
+                    Group {
+                        top: at.map(|level| level.map(|i| packed[i])),
+                        depth: run.iter().map(|r| r.1).max().unwrap_or(0),
+                    }
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Forest {
             spec_n_features: spec.n_features,
             max_samples: spec.max_samples,
@@ -242,6 +299,7 @@ impl Forest {
             leaf_value,
             roots,
             norm: (denom != 0.0).then_some(denom),
+            groups,
         })
     }
 
@@ -289,16 +347,56 @@ impl Forest {
     pub fn score_samples_batch(&self, rows: &[f32], out: &mut [f64]) {
         let w = self.spec_n_features;
         assert_eq!(rows.len(), out.len() * w, "rows and out disagree on the row count");
-        out.fill(0.0);
-        for (chunk_rows, chunk_tot) in rows.chunks(w * LANES).zip(out.chunks_mut(LANES)) {
-            match &self.nodes {
-                Nodes::Packed(n) if w <= NARROW => self.lanes_narrow::<LANES>(n, chunk_rows, chunk_tot),
-                Nodes::Packed(n) => self.lanes_total::<LANES, _>(n, chunk_rows, chunk_tot),
-                Nodes::Wide(n) => self.lanes_total::<LANES, _>(n, chunk_rows, chunk_tot),
+        if !self.groups.is_empty() {
+            self.vector_totals(rows, out);
+        } else {
+            for (chunk_rows, chunk_tot) in rows.chunks(w * LANES).zip(out.chunks_mut(LANES)) {
+                match &self.nodes {
+                    Nodes::Packed(n) if w <= NARROW => self.lanes_narrow::<LANES>(n, chunk_rows, chunk_tot),
+                    Nodes::Packed(n) => self.lanes_total::<LANES, _>(n, chunk_rows, chunk_tot),
+                    Nodes::Wide(n) => self.lanes_total::<LANES, _>(n, chunk_rows, chunk_tot),
+                }
             }
         }
         for o in out.iter_mut() {
             *o = self.path_to_score(*o);
+        }
+    }
+
+    /// Turns the vector path off, so that the portable one can be checked against it
+    /// (tests) and timed beside it (`examples/forest_loop`).
+    #[doc(hidden)]
+    pub fn without_vector_path(mut self) -> Forest {
+        self.groups.clear();
+        self
+    }
+
+    /// Whether batches take the AVX-512 path.
+    pub fn vector_path(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// Total path lengths of `rows` by the AVX-512 path, [`ROWS_IN_FLIGHT`] rows at a time.
+    fn vector_totals(&self, rows: &[f32], totals: &mut [f64]) {
+        let Nodes::Packed(nodes) = &self.nodes else { unreachable!("groups are built for packed nodes only") };
+        let w = self.spec_n_features;
+        const R: usize = vector::ROWS_IN_FLIGHT;
+        // Rows padded to NARROW with zeros (never read: every feature index is below w).
+        let mut buf = [[0f32; NARROW]; R];
+        let mut sums = [[0f64; GROUP]; R];
+        for (chunk, tot) in rows.chunks(w * R).zip(totals.chunks_mut(R)) {
+            let k = tot.len();
+            for (r, b) in buf.iter_mut().enumerate() {
+                let at = r.min(k - 1) * w;
+                b[..w].copy_from_slice(&chunk[at..at + w]);
+            }
+            // SAFETY: `groups` is only filled when the CPU has AVX-512F; every root and
+            // every node reachable from it is in `nodes`, leaves step onto themselves and
+            // feature indices are below w <= NARROW (all checked in `new`).
+            unsafe { vector::lane_sums(nodes, &self.leaf_value, &self.groups, &buf, &mut sums) };
+            for (t, s) in tot.iter_mut().zip(&sums) {
+                *t = fold_lanes(s);
+            }
         }
     }
 
@@ -314,8 +412,8 @@ impl Forest {
             let r = lane.min(k - 1) * w;
             b[..w].copy_from_slice(&rows[r..r + w]);
         }
-        let mut sums = [0.0f64; L];
-        for &(root, depth) in &self.roots {
+        let mut sums = [[0.0f64; GROUP]; L];
+        for (t, &(root, depth)) in self.roots.iter().enumerate() {
             let mut idx = [root as usize; L];
             for _ in 0..depth {
                 for (i, row) in idx.iter_mut().zip(&buf) {
@@ -330,11 +428,11 @@ impl Forest {
                 }
             }
             for (s, &i) in sums.iter_mut().zip(&idx) {
-                *s += self.leaf_value[i];
+                s[t % GROUP] += self.leaf_value[i];
             }
         }
-        for (t, s) in totals.iter_mut().zip(sums) {
-            *t += s;
+        for (t, s) in totals.iter_mut().zip(&sums) {
+            *t = fold_lanes(s);
         }
     }
 
@@ -349,8 +447,8 @@ impl Forest {
         let base = rows.as_ptr();
         // SAFETY: lane rows are within `rows` (checked just above).
         let lane_rows: [*const f32; L] = std::array::from_fn(|lane| unsafe { base.add(lane.min(k - 1) * w) });
-        let mut sums = [0.0f64; L];
-        for &(root, depth) in &self.roots {
+        let mut sums = [[0.0f64; GROUP]; L];
+        for (t, &(root, depth)) in self.roots.iter().enumerate() {
             let mut idx = [root as usize; L];
             for _ in 0..depth {
                 for (i, &row) in idx.iter_mut().zip(&lane_rows) {
@@ -361,17 +459,147 @@ impl Forest {
                 }
             }
             for (s, &i) in sums.iter_mut().zip(&idx) {
-                *s += self.leaf_value[i];
+                s[t % GROUP] += self.leaf_value[i];
             }
         }
-        for (t, s) in totals.iter_mut().zip(sums) {
-            *t += s;
+        for (t, s) in totals.iter_mut().zip(&sums) {
+            *t = fold_lanes(s);
         }
     }
 
     /// `decision_function`: `score_samples - offset`; negative means anomalous.
     pub fn anomaly_score_row(&self, row: &[f32]) -> f64 {
         self.score_samples_row(row) - self.offset
+    }
+}
+
+/// The total path length from the [`GROUP`] partial sums, in the one order every path uses.
+fn fold_lanes(sums: &[f64; GROUP]) -> f64 {
+    sums.iter().fold(0.0, |total, &s| total + s)
+}
+
+/// The AVX-512 path: 16 trees of a [`Group`] per vector, one row per vector, and
+/// [`ROWS_IN_FLIGHT`] rows at once so that the gathers of one hide the latency of another.
+/// A step is two gathers (threshold and link of 16 nodes), one permute that picks each
+/// tree's feature from the row held in two registers, a compare and a masked add.
+#[cfg(target_arch = "x86_64")]
+mod vector {
+    use super::{GROUP, Group, NARROW, Packed, TOP_LEVELS};
+    use std::arch::x86_64::*;
+
+    pub const ROWS_IN_FLIGHT: usize = 12;
+
+    pub fn available() -> bool {
+        std::env::var_os("FAD_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
+    }
+
+    /// Adds up, per row of `rows` and per lane, the path lengths of the trees in `groups`:
+    /// `sums[r][j]` is the sum over groups, in order, of lane `j`'s leaf value.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every root in `groups` indexes `nodes`, and `depth` steps
+    /// from it end on a leaf; every node's feature index is below `NARROW`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn lane_sums<const R: usize>(
+        nodes: &[Packed],
+        leaf_value: &[f64],
+        groups: &[Group],
+        rows: &[[f32; NARROW]; R],
+        sums: &mut [[f64; GROUP]; R],
+    ) {
+        const { assert!(NARROW == 32 && GROUP == 16) };
+        // A Packed node is 8 bytes: the threshold, then the link (left << 8 | feature).
+        let packed = nodes.as_ptr() as *const i64;
+        // SAFETY (whole body): the caller's promises above; gathers read only nodes that
+        // are reachable, and leaf values of the nodes the descent ends on.
+        unsafe {
+            let lo: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(rows[r].as_ptr()));
+            let hi: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(rows[r].as_ptr().add(16)));
+            let mut acc_lo = [_mm512_setzero_pd(); R];
+            let mut acc_hi = [_mm512_setzero_pd(); R];
+            let one = _mm512_set1_epi32(1);
+            let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            for g in groups {
+                // Steps 1 and 2 read the group's first two levels from `top`: the
+                // threshold and link of 16 nodes, split out of their 8-byte pairs.
+                let split = |nodes: &[Packed; GROUP]| {
+                    let first = _mm512_loadu_si512(nodes.as_ptr() as *const _);
+                    let second = _mm512_loadu_si512(nodes.as_ptr().add(8) as *const _);
+                    (
+                        _mm512_castsi512_ps(_mm512_permutex2var_epi32(first, evens, second)),
+                        _mm512_permutex2var_epi32(first, odds, second),
+                    )
+                };
+                let top = g.top.each_ref().map(split);
+                let mut idx = [_mm512_setzero_si512(); R];
+                for (i, (lo, hi)) in idx.iter_mut().zip(lo.iter().zip(&hi)) {
+                    // The top levels in heap order: a lane's choices so far pick its
+                    // node by blends (newest choice between siblings first), not by a
+                    // gather.
+                    let blend = |c: __mmask16, (tl, ll): (__m512, __m512i), (tr, lr): (__m512, __m512i)| {
+                        (_mm512_mask_blend_ps(c, tl, tr), _mm512_mask_blend_epi32(c, ll, lr))
+                    };
+                    let step = |(threshold, link): (__m512, __m512i)| {
+                        let x = _mm512_permutex2var_ps(*lo, link, *hi);
+                        _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(x, threshold)
+                    };
+                    let a = step(top[0]);
+                    let b = step(blend(a, top[1], top[2]));
+                    let level2 = blend(a, blend(b, top[3], top[4]), blend(b, top[5], top[6]));
+                    let c = step(level2);
+                    let left = _mm512_srli_epi32::<8>(level2.1);
+                    *i = _mm512_mask_add_epi32(left, c, left, one);
+                }
+                // Leaves step onto themselves, so two steps too many for a shallow group
+                // do no harm.
+                for _ in TOP_LEVELS as u32..g.depth {
+                    for (i, (lo, hi)) in idx.iter_mut().zip(lo.iter().zip(&hi)) {
+                        let first = _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(*i), packed);
+                        let second = _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(*i), packed);
+                        let threshold = _mm512_castsi512_ps(_mm512_permutex2var_epi32(first, evens, second));
+                        let link = _mm512_permutex2var_epi32(first, odds, second);
+                        // The permute reads the low 5 bits of the link: the feature.
+                        let x = _mm512_permutex2var_ps(*lo, link, *hi);
+                        let right = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(x, threshold);
+                        let left = _mm512_srli_epi32::<8>(link);
+                        *i = _mm512_mask_add_epi32(left, right, left, one);
+                    }
+                }
+                for r in 0..R {
+                    let first = _mm512_castsi512_si256(idx[r]);
+                    let second = _mm512_extracti64x4_epi64::<1>(idx[r]);
+                    acc_lo[r] = _mm512_add_pd(acc_lo[r], _mm512_i32gather_pd::<8>(first, leaf_value.as_ptr()));
+                    acc_hi[r] = _mm512_add_pd(acc_hi[r], _mm512_i32gather_pd::<8>(second, leaf_value.as_ptr()));
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_pd(sums[r].as_mut_ptr(), acc_lo[r]);
+                _mm512_storeu_pd(sums[r].as_mut_ptr().add(8), acc_hi[r]);
+            }
+        }
+    }
+}
+
+/// Elsewhere there is no vector path: `groups` stays empty and this is never called.
+#[cfg(not(target_arch = "x86_64"))]
+mod vector {
+    use super::{GROUP, Group, NARROW, Packed};
+
+    pub const ROWS_IN_FLIGHT: usize = 12;
+
+    pub fn available() -> bool {
+        false
+    }
+
+    pub unsafe fn lane_sums<const R: usize>(
+        _: &[Packed],
+        _: &[f64],
+        _: &[Group],
+        _: &[[f32; NARROW]; R],
+        _: &mut [[f64; GROUP]; R],
+    ) {
+        unreachable!("no vector path on this architecture")
     }
 }
 
