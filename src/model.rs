@@ -119,6 +119,18 @@ pub struct Detection {
     pub uterus_anomaly: bool,
 }
 
+/// Writes `x` exactly as `{}` (Display) does: the shortest digits that read back as
+/// `x`, never an exponent. Scores are written millions of times a run, so where ryu
+/// writes the same text (fractions from 1e-5 up) it does the work, about twice as fast.
+pub fn write_f64(out: &mut impl std::io::Write, x: f64) -> std::io::Result<()> {
+    let a = x.abs();
+    if (1e-5..1e15).contains(&a) && x.fract() != 0.0 {
+        out.write_all(ryu::Buffer::new().format_finite(x).as_bytes())
+    } else {
+        write!(out, "{x}")
+    }
+}
+
 /// A loaded model: feature settings plus forests.
 #[derive(Debug)]
 pub struct Model {
@@ -349,6 +361,19 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        #[test]
+        fn write_f64_is_display(bits in proptest::num::u64::ANY, score in -0.75f64..0.75) {
+            let edges = [0.0, -0.0, 1.0, -3.0, 1e-5, 9.99e-6, 1e15, 1e15 - 0.5, 1e16, 123456789.0, f64::NAN, f64::INFINITY];
+            let drawn = [f64::from_bits(bits), score, score * 1e-4, score * 1e-6, (score * 1e4).round() / 1e4];
+            for x in drawn.into_iter().chain(edges) {
+                let mut ours = Vec::new();
+                super::write_f64(&mut ours, x).unwrap();
+                proptest::prop_assert_eq!(String::from_utf8(ours).unwrap(), x.to_string());
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

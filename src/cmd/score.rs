@@ -161,7 +161,8 @@ fn write_batch(
             Offer::Pending(i) => {
                 let d = &detections[i];
                 out.write_all(&batch.text[s..e])?;
-                write!(out, ",{},{},{}", d.bpm_anomaly as u8, d.uterus_anomaly as u8, d.score)?;
+                out.write_all(&[b',', b'0' + d.bpm_anomaly as u8, b',', b'0' + d.uterus_anomaly as u8, b','])?;
+                crate::model::write_f64(out, d.score)?;
                 if let Some(w) = opts.features {
                     for v in &job.rows[i * w..(i + 1) * w] {
                         write!(out, ",{v}")?;

@@ -327,7 +327,7 @@ impl<W: Write> ReplyWriter<W> {
                     o.write_all(b",")?;
                 }
                 o.write_all(&[b'0' + b, b',', b'0' + u, b','])?;
-                write!(o, "{}", d.score)?;
+                crate::model::write_f64(o, d.score)?;
                 o.write_all(b",needed:0")?;
             }
             ReplyFormat::Json => write!(
