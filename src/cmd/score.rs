@@ -39,9 +39,10 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     };
     // Two stages: this thread reads rows and computes their features; the writer thread
     // scores each full batch (on the rayon pool) and writes it, while the next batch is
-    // being read. Batches travel in order through a channel of one, and their buffers come
+    // being read. Batches travel in order through a channel of four (with one, the reader
+    // waited while the writer formatted, and a core sat idle), and their buffers come
     // back for reuse.
-    let (to_writer, batches) = mpsc::sync_channel::<Job>(1);
+    let (to_writer, batches) = mpsc::sync_channel::<Job>(4);
     let (recycle, spares) = mpsc::channel::<Job>();
     let writer_model = Arc::clone(&model);
     let writer = std::thread::Builder::new()
