@@ -376,28 +376,52 @@ impl Forest {
         !self.groups.is_empty()
     }
 
-    /// Total path lengths of `rows` by the AVX-512 path, [`ROWS_IN_FLIGHT`] rows at a time.
+    /// Total path lengths of `rows` by the AVX-512 path: [`ROWS_IN_FLIGHT`] rows at a
+    /// time, and a short tail (a stream's micro-batch of one or two rows, say) in runs of
+    /// 4 or 1, so that few lanes are spent on padding.
     fn vector_totals(&self, rows: &[f32], totals: &mut [f64]) {
+        const R: usize = vector::ROWS_IN_FLIGHT;
+        let w = self.spec_n_features;
+        let mut done = 0;
+        while done < totals.len() {
+            let k = totals.len() - done;
+            let run = if k >= R - 2 {
+                R
+            } else if k >= 2 {
+                4
+            } else {
+                1
+            };
+            let (rows, totals) = (&rows[done * w..], &mut totals[done..]);
+            done += match run {
+                R => self.vector_run::<R>(rows, totals),
+                4 => self.vector_run::<4>(rows, totals),
+                _ => self.vector_run::<1>(rows, totals),
+            };
+        }
+    }
+
+    /// Scores the first `N` rows of `rows` (fewer if there are fewer, the last repeated in
+    /// the spare lanes) into `totals`; returns how many it scored.
+    fn vector_run<const N: usize>(&self, rows: &[f32], totals: &mut [f64]) -> usize {
         let Nodes::Packed(nodes) = &self.nodes else { unreachable!("groups are built for packed nodes only") };
         let w = self.spec_n_features;
-        const R: usize = vector::ROWS_IN_FLIGHT;
+        let k = totals.len().min(N);
         // Rows padded to NARROW with zeros (never read: every feature index is below w).
-        let mut buf = [[0f32; NARROW]; R];
-        let mut sums = [[0f64; GROUP]; R];
-        for (chunk, tot) in rows.chunks(w * R).zip(totals.chunks_mut(R)) {
-            let k = tot.len();
-            for (r, b) in buf.iter_mut().enumerate() {
-                let at = r.min(k - 1) * w;
-                b[..w].copy_from_slice(&chunk[at..at + w]);
-            }
-            // SAFETY: `groups` is only filled when the CPU has AVX-512F; every root and
-            // every node reachable from it is in `nodes`, leaves step onto themselves and
-            // feature indices are below w <= NARROW (all checked in `new`).
-            unsafe { vector::lane_sums(nodes, &self.leaf_value, &self.groups, &buf, &mut sums) };
-            for (t, s) in tot.iter_mut().zip(&sums) {
-                *t = fold_lanes(s);
-            }
+        let mut buf = [[0f32; NARROW]; N];
+        for (r, b) in buf.iter_mut().enumerate() {
+            let at = r.min(k - 1) * w;
+            b[..w].copy_from_slice(&rows[at..at + w]);
         }
+        let mut sums = [[0f64; GROUP]; N];
+        // SAFETY: `groups` is only filled when the CPU has AVX-512F; every root and every
+        // node reachable from it is in `nodes`, leaves step onto themselves and feature
+        // indices are below w <= NARROW (all checked in `new`).
+        unsafe { vector::lane_sums(nodes, &self.leaf_value, &self.groups, &buf, &mut sums) };
+        for (t, s) in totals[..k].iter_mut().zip(&sums) {
+            *t = fold_lanes(s);
+        }
+        k
     }
 
     /// [`lanes_total`](Self::lanes_total) for rows of at most [`NARROW`] features: the rows
