@@ -33,7 +33,7 @@ pub fn average_path_length(n: f64) -> f64 {
 
 /// Path length credited for a row that ends in a leaf at `depth` (root 0) holding `n`
 /// training rows: depth + c(n), evaluated as scikit-learn evaluates it,
-/// `(nodes on the path + c(n)) - 1.0`, so that sums over trees agree to the last bit.
+/// `(nodes on the path + c(n)) - 1.0`, so that each tree's part agrees to the last bit.
 pub fn sklearn_leaf_path(depth: u32, n: u64) -> f64 {
     (depth as f64 + 1.0 + average_path_length(n as f64)) - 1.0
 }
