@@ -166,7 +166,8 @@ fn write_batch(
                 crate::model::write_f64(out, d.score)?;
                 if let Some(w) = opts.features {
                     for v in &job.rows[i * w..(i + 1) * w] {
-                        write!(out, ",{v}")?;
+                        out.write_all(b",")?;
+                        crate::model::write_f32(out, *v)?;
                     }
                 }
                 out.write_all(b"\n")?;
