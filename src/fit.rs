@@ -332,7 +332,7 @@ mod tests {
                 data[(r % n_rows) * n_features + c % n_features] = v;
             }
             let vector = Forest::new(&fitted).unwrap();
-            if n_features <= 32 && std::arch::is_x86_feature_detected!("avx512f") && std::env::var_os("FAD_NO_AVX512").is_none() {
+            if n_features <= 32 && crate::forest::vector_path_available() {
                 proptest::prop_assert!(vector.vector_path(), "the vector path should be on here");
             }
             let portable = vector.clone().without_vector_path();

@@ -151,6 +151,7 @@ const GROUP: usize = 16;
 /// of their first two levels laid out lane by lane, so that the first two steps load
 /// them instead of gathering, and the steps that take every tree to a leaf.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86-64 vector path only
 struct Group {
     /// Each lane's first [`TOP_LEVELS`] levels in heap order: root, its left and right
     /// child, their children... (below a leaf: the node before it, never taken, and
@@ -495,6 +496,12 @@ impl Forest {
     pub fn anomaly_score_row(&self, row: &[f32]) -> f64 {
         self.score_samples_row(row) - self.offset
     }
+}
+
+/// Whether this CPU (and the environment: `FAD_NO_AVX512`) lets forests of rows up to
+/// [`NARROW`] features take the vector path.
+pub fn vector_path_available() -> bool {
+    vector::available()
 }
 
 /// The total path length from the [`GROUP`] partial sums, in the one order every path uses.
