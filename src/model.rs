@@ -125,17 +125,22 @@ pub struct Detection {
 /// one difference: where two shortest texts are equally close (rare for scores, which
 /// use all 53 bits), ryu rounds half to even and Display half up; both read back as `x`.
 pub fn write_f64(out: &mut impl std::io::Write, x: f64) -> std::io::Result<()> {
-    if (1e-5..1e15).contains(&x.abs()) && x.fract() != 0.0 {
-        out.write_all(ryu::Buffer::new().format_finite(x).as_bytes())
-    } else {
-        write!(out, "{x}")
-    }
+    write_shortest(out, x, x)
 }
 
 /// [`write_f64`] for an `f32` (feature values of `fad score --with-features`): the text
 /// of `{}` for an `f32`, by ryu where that is the same.
 pub fn write_f32(out: &mut impl std::io::Write, x: f32) -> std::io::Result<()> {
-    if (1e-5..1e15).contains(&x.abs()) && x.fract() != 0.0 {
+    write_shortest(out, x, x as f64)
+}
+
+/// Writes `x` (whose value is `wide`) by ryu in its plain-notation range, else by Display.
+fn write_shortest<T: ryu::Float + std::fmt::Display>(
+    out: &mut impl std::io::Write,
+    x: T,
+    wide: f64,
+) -> std::io::Result<()> {
+    if (1e-5..1e15).contains(&wide.abs()) && wide.fract() != 0.0 {
         out.write_all(ryu::Buffer::new().format_finite(x).as_bytes())
     } else {
         write!(out, "{x}")
