@@ -511,8 +511,9 @@ fn fold_lanes(sums: &[f64; GROUP]) -> f64 {
 
 /// The AVX-512 path: 16 trees of a [`Group`] per vector, one row per vector, and
 /// [`ROWS_IN_FLIGHT`] rows at once so that the gathers of one hide the latency of another.
-/// A step is two gathers (threshold and link of 16 nodes), one permute that picks each
-/// tree's feature from the row held in two registers, a compare and a masked add.
+/// A step is two gathers of 8 nodes (8 bytes each: threshold and link), two permutes that
+/// split them into 16 thresholds and 16 links, one permute that picks each tree's feature
+/// from the row held in two registers, a compare and a masked add.
 #[cfg(target_arch = "x86_64")]
 mod vector {
     use super::{GROUP, Group, NARROW, Packed, TOP_LEVELS};
@@ -538,7 +539,7 @@ mod vector {
         rows: &[[f32; NARROW]; R],
         sums: &mut [[f64; GROUP]; R],
     ) {
-        const { assert!(NARROW == 32 && GROUP == 16) };
+        const { assert!(NARROW == 32 && GROUP == 16 && TOP_LEVELS == 3) };
         // A Packed node is 8 bytes: the threshold, then the link (left << 8 | feature).
         let packed = nodes.as_ptr() as *const i64;
         // SAFETY (whole body): the caller's promises above; gathers read only nodes that
@@ -552,8 +553,9 @@ mod vector {
             let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
             for g in groups {
-                // Steps 1 and 2 read the group's first two levels from `top`: the
-                // threshold and link of 16 nodes, split out of their 8-byte pairs.
+                // The first TOP_LEVELS steps read the group's top levels from `top`:
+                // per heap position, the threshold and link of 16 nodes, split out of
+                // their 8-byte pairs.
                 let split = |nodes: &[Packed; GROUP]| {
                     let first = _mm512_loadu_si512(nodes.as_ptr() as *const _);
                     let second = _mm512_loadu_si512(nodes.as_ptr().add(8) as *const _);
@@ -582,8 +584,8 @@ mod vector {
                     let left = _mm512_srli_epi32::<8>(level2.1);
                     *i = _mm512_mask_add_epi32(left, c, left, one);
                 }
-                // Leaves step onto themselves, so two steps too many for a shallow group
-                // do no harm.
+                // Leaves step onto themselves, so TOP_LEVELS steps are no harm to a
+                // group shallower than that.
                 for _ in TOP_LEVELS as u32..g.depth {
                     for (i, (lo, hi)) in idx.iter_mut().zip(lo.iter().zip(&hi)) {
                         let first = _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(*i), packed);
