@@ -12,7 +12,7 @@
 //! chunk of input) through every forest of the model, as `fad stream` does; with THREADS
 //! above 1 the batches are spread over that many rayon threads. Prints one `key=value`
 //! line: rows, the best and median time per row over REPEATS passes (ns; wall clock, and
-//! the thread's CPU time), and a checksum of the scores. `--load` times loading the
+//! the thread's CPU time), a checksum of the scores and the path the scorer chose. `--load` times loading the
 //! model instead (best and median, ms).
 
 use fad::model::{Detection, Model};
@@ -90,12 +90,13 @@ fn main() {
     let per_row = |s: f64| s * 1e9 / n as f64;
     println!(
         "rows={n} threads={threads} forests={} trees={} best_ns_per_row={:.1} median_ns_per_row={:.1} \
-         median_cpu_ns_per_row={:.1} checksum={checksum:.6}",
+         median_cpu_ns_per_row={:.1} checksum={checksum:.6} path={}",
         1 + 2 * model.per_signal.is_some() as usize,
         model.joint.n_trees(),
         per_row(times[0]),
         per_row(times[times.len() / 2]),
         per_row(cpu_times[cpu_times.len() / 2]),
+        if model.joint.vector_path() { "vector" } else { "portable" },
     );
 }
 

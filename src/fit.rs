@@ -331,7 +331,7 @@ mod tests {
                 let v = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0][kind as usize];
                 data[(r % n_rows) * n_features + c % n_features] = v;
             }
-            let vector = Forest::new(&fitted).unwrap();
+            let vector = Forest::new(&fitted).unwrap().with_vector_path();
             if n_features <= 32 && crate::forest::vector_path_available() {
                 proptest::prop_assert!(vector.vector_path(), "the vector path should be on here");
             }

@@ -7,8 +7,10 @@
 //! a node are adjacent, so that one step of a descent is `next = left + !(x <= t)` with
 //! no branch; leaves loop onto themselves, so every row can take exactly `depth` steps
 //! and several rows can be in flight through the same tree at once. On x86-64 with
-//! AVX-512, batches of narrow rows instead take 16 trees per vector, one row at a time
-//! (several rows in flight), which cuts the cost to about a third on the bench machine.
+//! AVX-512, batches of narrow rows can instead take 16 trees per vector, one row at a time
+//! (several rows in flight), which cuts the cost to about a third on the bench machine;
+//! whether they do is measured on a trial batch when the forest is compiled, since
+//! gathers are slow on some CPUs that have AVX-512.
 //!
 //! Every path sums the trees' path lengths in the same order (tree `t` into partial sum
 //! `t % 16`, the 16 partial sums then left to right), so a row scores to the same bit
@@ -141,6 +143,9 @@ pub struct Forest {
     /// The trees in runs of [`GROUP`] for the vector path; empty when rows are wider than
     /// [`NARROW`], the nodes are wide, or the CPU has no AVX-512.
     groups: Vec<Group>,
+    /// Whether batches take the vector path: it exists and was the faster of the two on a
+    /// trial batch (see [`Forest::faster_path_is_vector`]).
+    use_vector: bool,
 }
 
 /// Trees scored side by side in one vector, and the partial sums the path lengths
@@ -292,7 +297,7 @@ impl Forest {
                 .collect(),
             _ => Vec::new(),
         };
-        Ok(Forest {
+        let mut forest = Forest {
             spec_n_features: spec.n_features,
             max_samples: spec.max_samples,
             offset: spec.offset,
@@ -300,8 +305,51 @@ impl Forest {
             leaf_value,
             roots,
             norm: (denom != 0.0).then_some(denom),
+            use_vector: !groups.is_empty(),
             groups,
-        })
+        };
+        if forest.use_vector {
+            forest.use_vector = forest.faster_path_is_vector();
+        }
+        Ok(forest)
+    }
+
+    /// Times both paths on a trial batch and says whether the vector one was faster.
+    /// Gathers are fast on some CPUs with AVX-512 and slow on others, so this is measured,
+    /// not assumed; both paths give the same bits, so the choice changes only the speed.
+    /// Costs well under a millisecond for 300 trees.
+    fn faster_path_is_vector(&mut self) -> bool {
+        const TRIAL_ROWS: usize = 96; // whole runs of both paths (8 x 12, 6 x 16)
+        const ROUNDS: usize = 3;
+        let w = self.spec_n_features;
+        let Nodes::Packed(packed) = &self.nodes else { return false };
+        // Rows made of the forest's own thresholds, so that descents spread over the trees
+        // as real rows do (both paths take a fixed number of steps whatever the values).
+        let mut by_feature: Vec<Vec<f32>> = vec![Vec::new(); w];
+        for n in packed.iter().filter(|n| !n.threshold.is_nan()) {
+            by_feature[(n.link & 0xFF) as usize].push(n.threshold);
+        }
+        let mut x = 0x853c_49e6_748f_ea9bu64;
+        let rows: Vec<f32> = (0..TRIAL_ROWS * w)
+            .map(|i| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let pool = &by_feature[i % w];
+                if pool.is_empty() { 0.0 } else { pool[(x >> 33) as usize % pool.len()] }
+            })
+            .collect();
+        let mut out = vec![0.0; TRIAL_ROWS];
+        let (mut vector, mut portable) = (std::time::Duration::MAX, std::time::Duration::MAX);
+        for _ in 0..ROUNDS {
+            for use_vector in [true, false] {
+                self.use_vector = use_vector;
+                let t = std::time::Instant::now();
+                self.score_samples_batch(std::hint::black_box(&rows), &mut out);
+                let took = t.elapsed();
+                let best = if use_vector { &mut vector } else { &mut portable };
+                *best = (*best).min(took);
+            }
+        }
+        vector < portable
     }
 
     pub fn n_features(&self) -> usize {
@@ -348,7 +396,7 @@ impl Forest {
     pub fn score_samples_batch(&self, rows: &[f32], out: &mut [f64]) {
         let w = self.spec_n_features;
         assert_eq!(rows.len(), out.len() * w, "rows and out disagree on the row count");
-        if !self.groups.is_empty() {
+        if self.use_vector {
             self.vector_totals(rows, out);
         } else {
             for (chunk_rows, chunk_tot) in rows.chunks(w * LANES).zip(out.chunks_mut(LANES)) {
@@ -368,13 +416,21 @@ impl Forest {
     /// (tests) and timed beside it (`examples/forest_loop`).
     #[doc(hidden)]
     pub fn without_vector_path(mut self) -> Forest {
-        self.groups.clear();
+        self.use_vector = false;
+        self
+    }
+
+    /// Turns the vector path on where it exists, whichever path was faster on the trial
+    /// batch (tests check it against the portable one).
+    #[doc(hidden)]
+    pub fn with_vector_path(mut self) -> Forest {
+        self.use_vector = !self.groups.is_empty();
         self
     }
 
     /// Whether batches take the AVX-512 path.
     pub fn vector_path(&self) -> bool {
-        !self.groups.is_empty()
+        self.use_vector
     }
 
     /// Total path lengths of `rows` by the AVX-512 path: [`ROWS_IN_FLIGHT`] rows at a
