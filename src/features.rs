@@ -89,6 +89,15 @@ pub struct FilterParams {
     /// The long-term state (baseline, spread, burden) carries on, decayed by the pause.
     #[serde(default)]
     pub settle_gap_s: Option<f64>,
+    /// The columns of its signal that each flag forest sees (None: all of them). The
+    /// joint forest, and so `anomaly_score`, always sees every column.
+    #[serde(default)]
+    pub bpm_flag: Option<Vec<Filter>>,
+    /// External toco is uncalibrated: its amplitude depends on the belt and the mother,
+    /// not on the uterus, and differs between monitors and sources. By default the
+    /// uterus flags see only features in units of the series' own spread.
+    #[serde(default)]
+    pub uterus_flag: Option<Vec<Filter>>,
 }
 
 /// One filter feature (see [`FilterParams`]).
@@ -147,7 +156,7 @@ impl Default for FilterParams {
         use Filter::*;
         FilterParams {
             bpm: vec![Level, Jump, Dev, Baseline, Sd, Burden, Flat],
-            uterus: vec![Level, Jump, Dev, Baseline, Sd, Burden, Flat],
+            uterus: vec![Level, Jump, Dev, Baseline, Sd, Burden, Flat, JumpZ, DevZ, SdRatio],
             level_s: 4.0,
             reference_s: 15.0,
             baseline_s: 300.0,
@@ -160,6 +169,8 @@ impl Default for FilterParams {
             flat_cap_s: 600.0,
             warmup: 120,
             settle_gap_s: Some(1.0),
+            bpm_flag: None,
+            uterus_flag: Some(vec![JumpZ, DevZ, SdRatio]),
         }
     }
 }
@@ -334,6 +345,27 @@ impl FeatureConfig {
     }
 
     /// Names of the feature columns, in the order rows are written.
+    /// The columns (indices into [`feature_cols`](Self::feature_cols)) that the bpm and
+    /// the uterus flag forests see.
+    pub fn flag_columns(&self) -> [Vec<u32>; 2] {
+        let cols = self.feature_cols();
+        let of_signal = |s: &str| -> Vec<u32> {
+            let prefix = format!("{s}_");
+            cols.iter().enumerate().filter(|(_, c)| c.starts_with(&prefix)).map(|(i, _)| i as u32).collect()
+        };
+        let FeatureKind::Filters(p) = &self.kind else { return SIGNALS.map(of_signal) };
+        let mut start = 0;
+        let mut picked = [Vec::new(), Vec::new()];
+        for (out, (list, flag)) in picked.iter_mut().zip([(&p.bpm, &p.bpm_flag), (&p.uterus, &p.uterus_flag)]) {
+            *out = (0..list.len())
+                .filter(|&i| flag.as_ref().is_none_or(|f| f.contains(&list[i])))
+                .map(|i| (start + i) as u32)
+                .collect();
+            start += list.len();
+        }
+        picked
+    }
+
     pub fn feature_cols(&self) -> Vec<String> {
         let mut cols = Vec::with_capacity(self.n_features());
         match &self.kind {
@@ -394,6 +426,18 @@ impl FeatureConfig {
                 let limits = p.bpm_baseline_limits.iter().chain(&p.uterus_baseline_limits);
                 if limits.clone().any(|&c| !(c > 0.0)) || !(p.sd_floor > 0.0) {
                     return Err("baseline limits and sd_floor must be positive".into());
+                }
+                for (signal, list, flag) in [("bpm", &p.bpm, &p.bpm_flag), ("uterus", &p.uterus, &p.uterus_flag)] {
+                    let Some(flag) = flag else { continue };
+                    if flag.is_empty() && !list.is_empty() {
+                        return Err(format!("{signal}_flag is empty: the {signal} flags would see no feature"));
+                    }
+                    if let Some(f) = flag.iter().find(|f| !list.contains(f)) {
+                        return Err(format!(
+                            "{signal}_flag names {}, which is not among the {signal} features",
+                            f.name()
+                        ));
+                    }
                 }
                 if p.settle_gap_s.is_some_and(|g| !(g > 0.0)) {
                     return Err("settle_gap_s must be positive seconds".into());

@@ -641,6 +641,8 @@ fn a_bad_feature_config_file_is_a_data_error_naming_it() {
         ("array.json", "[1]", "must hold a JSON object"),
         ("broken.json", "{\"filters\": ", "is not valid JSON"),
         ("typo.json", "{\"filters\": {\"warm_up\": 60}}", "warm_up"),
+        ("flag.json", "{\"filters\": {\"uterus_flag\": [\"sd_long\"]}}", "uterus_flag names sd_long"),
+        ("noflag.json", "{\"filters\": {\"bpm_flag\": []}}", "bpm_flag is empty"),
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
@@ -655,5 +657,71 @@ fn a_bad_feature_config_file_is_a_data_error_naming_it() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: {err}");
         assert!(err.contains(name) && err.contains(says), "{name}: {err}");
+    }
+}
+
+#[test]
+fn each_flag_forest_sees_its_signal_and_the_uterus_one_only_scale_free_columns() {
+    let f = fixture();
+    let meta = meta_of(&f.model);
+    let cols: Vec<&str> = meta["feature_cols"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let seen = |file: &str| -> std::collections::BTreeSet<String> {
+        let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.model.join(file)).unwrap()).unwrap();
+        let trees = spec["trees"].as_array().unwrap();
+        trees
+            .iter()
+            .flat_map(|t| {
+                t["features"].as_array().unwrap().iter().map(|i| cols[i.as_u64().unwrap() as usize].to_owned())
+            })
+            .collect()
+    };
+    let bpm: Vec<&str> = cols.iter().copied().filter(|c| c.starts_with("bpm_")).collect();
+    assert_eq!(seen("forest_bpm.json").iter().map(String::as_str).collect::<Vec<_>>(), {
+        let mut b = bpm.clone();
+        b.sort();
+        b
+    });
+    // Toco amplitude is uncalibrated: the uterus flags see features relative to the
+    // series' own spread, while the joint forest sees every column.
+    let uterus = ["uterus_dev_z", "uterus_jump_z", "uterus_sd_ratio"];
+    assert_eq!(seen("forest_uterus.json").iter().map(String::as_str).collect::<Vec<_>>(), uterus);
+    assert!(cols.contains(&"uterus_level") && cols.contains(&"uterus_baseline"), "{cols:?}");
+    assert_eq!(seen("forest.json").len(), cols.len());
+    let filters = &meta["config"]["filters"];
+    assert_eq!(filters["uterus_flag"], serde_json::json!(["jump_z", "dev_z", "sd_ratio"]));
+    assert!(filters["bpm_flag"].is_null(), "{filters}");
+    // Uterus columns chosen anew: the uterus flags see all of them (the default flag
+    // columns are not among them), unless the file says which.
+    let dir = tempfile::tempdir().unwrap();
+    for (config, want) in [
+        (r#"{"filters": {"uterus": ["level", "dev"]}}"#, vec!["uterus_dev", "uterus_level"]),
+        (r#"{"filters": {"uterus": ["level", "dev"], "uterus_flag": ["dev"]}}"#, vec!["uterus_dev"]),
+    ] {
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, config).unwrap();
+        let model = dir.path().join("m");
+        fad()
+            .args(["train", "--force", "--n-estimators", "3", "--feature-config"])
+            .arg(&path)
+            .arg("--out-dir")
+            .arg(&model)
+            .arg(&f.merged)
+            .assert()
+            .success();
+        let cols: Vec<String> = meta_of(&model)["feature_cols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+        let spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("forest_uterus.json")).unwrap()).unwrap();
+        let seen: std::collections::BTreeSet<&str> = spec["trees"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["features"].as_array().unwrap().iter().map(|i| cols[i.as_u64().unwrap() as usize].as_str()))
+            .collect();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), want, "{config}");
     }
 }

@@ -413,10 +413,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         |idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|&r| ds.rows[r * w..(r + 1) * w].iter().copied()).collect() };
     let train_rows = gather(&train_idx);
     let rows = Rows { data: &train_rows, n_features: w };
-    let cols = fc.feature_cols();
-    let signal_cols = |prefix: &str| -> Vec<u32> {
-        cols.iter().enumerate().filter(|(_, c)| c.starts_with(prefix)).map(|(i, _)| i as u32).collect()
-    };
+    let [bpm_cols, uterus_cols] = fc.flag_columns();
     let all: Vec<u32> = (0..w as u32).collect();
     // The training rows that are scored: the per-signal offsets and the training side of
     // the report come from them. All rows up to CALIBRATION_ROWS, else a seeded sample.
@@ -433,8 +430,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Contamination::Auto => fit_calibrated(&rows, &all, &params, 0, &calibration_rows),
     };
     let signal_params = FitParams { contamination: Contamination::Fraction(args.flag_rate), ..params.clone() };
-    let (bpm, bpm_train) = fit_calibrated(&rows, &signal_cols("bpm_"), &signal_params, 1, &calibration_rows);
-    let (uterus, uterus_train) = fit_calibrated(&rows, &signal_cols("uterus_"), &signal_params, 2, &calibration_rows);
+    let (bpm, bpm_train) = fit_calibrated(&rows, &bpm_cols, &signal_params, 1, &calibration_rows);
+    let (uterus, uterus_train) = fit_calibrated(&rows, &uterus_cols, &signal_params, 2, &calibration_rows);
     let t_fit = t1.elapsed();
 
     let forests: [&ForestSpec; 3] = [&joint, &bpm, &uterus];
@@ -494,7 +491,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let meta = Meta {
         fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         config,
-        feature_cols: cols.clone(),
+        feature_cols: fc.feature_cols(),
         max_lag: Some(fc.warmup()),
         model_files: vec![],
         report: Some(json!({
@@ -543,6 +540,11 @@ fn default_reasons() -> Value {
             samples); 0 is a transducer off, not a heart rate or a uterus at rest",
         "join": "inner: a sample needs both signals to be scored; --join outer keeps one-sided rows, which \
             the engine then rejects as signal loss",
+        "uterus_flag": "jump_z, dev_z, sd_ratio: external toco is uncalibrated (the belt and the mother set its \
+            amplitude) and CTU-UHB toco reads higher (90th percentile of the 4-second level 50 against 27 on LCT 2025); trained on LCT 2025, a \
+            uterus flag forest on every uterus column flagged 3.10 % of clean CTU-UHB samples, on these three \
+            0.36 % (0.47 % and 0.40 % on the source trained on); the joint forest keeps every column, which \
+            the per-sequence AUC needs",
         "flag_rate": "0.005 per signal: 0.2-0.6 % of clean held-out samples flagged per signal on the source \
             a model was trained on (bench/quality)",
     })
@@ -618,6 +620,17 @@ fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
         .map_err(|e| anyhow::anyhow!("--feature-config {} is not valid JSON: {e}", path.display()))?;
     if !overlay.is_object() {
         bail!("--feature-config {} must hold a JSON object", path.display());
+    }
+    let mut overlay = overlay;
+    if let Some(Value::Object(filters)) = overlay.get_mut("filters") {
+        // A signal's columns chosen anew: its flags see all of them unless told otherwise
+        // (the default choice names columns the new list may lack).
+        for signal in ["bpm", "uterus"] {
+            let flag = format!("{signal}_flag");
+            if filters.contains_key(signal) && !filters.contains_key(&flag) {
+                filters.insert(flag, Value::Null);
+            }
+        }
     }
     let mut merged = Value::Object(feature_config_json(&base));
     merge_json(&mut merged, overlay.clone());
