@@ -170,7 +170,7 @@ impl Default for FilterParams {
             warmup: 120,
             settle_gap_s: Some(1.0),
             bpm_flag: None,
-            uterus_flag: Some(vec![JumpZ, DevZ, SdRatio]),
+            uterus_flag: Some(vec![DevZ, SdRatio]),
         }
     }
 }

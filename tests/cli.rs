@@ -229,7 +229,7 @@ fn usage_errors_exit_2() {
     let out = fad().args(["train", "--max-features", "99", "--out-dir", "/tmp/never"]).arg(&f.merged).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--max-features 99 is more than the 14 feature columns"), "{err}");
+    assert!(err.contains("--max-features 99 is more than the 17 feature columns"), "{err}");
     let out = fad()
         .args(["train", "--features", "window", "--max-features", "25", "--out-dir", "/tmp/never"])
         .arg(&f.merged)
@@ -661,7 +661,7 @@ fn a_bad_feature_config_file_is_a_data_error_naming_it() {
 }
 
 #[test]
-fn each_flag_forest_sees_its_signal_and_the_uterus_one_only_scale_free_columns() {
+fn each_flag_forest_sees_its_signal_and_the_uterus_one_only_relative_columns() {
     let f = fixture();
     let meta = meta_of(&f.model);
     let cols: Vec<&str> = meta["feature_cols"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
@@ -683,12 +683,12 @@ fn each_flag_forest_sees_its_signal_and_the_uterus_one_only_scale_free_columns()
     });
     // Toco amplitude is uncalibrated: the uterus flags see features relative to the
     // series' own spread, while the joint forest sees every column.
-    let uterus = ["uterus_dev_z", "uterus_jump_z", "uterus_sd_ratio"];
+    let uterus = ["uterus_dev_z", "uterus_sd_ratio"];
     assert_eq!(seen("forest_uterus.json").iter().map(String::as_str).collect::<Vec<_>>(), uterus);
     assert!(cols.contains(&"uterus_level") && cols.contains(&"uterus_baseline"), "{cols:?}");
     assert_eq!(seen("forest.json").len(), cols.len());
     let filters = &meta["config"]["filters"];
-    assert_eq!(filters["uterus_flag"], serde_json::json!(["jump_z", "dev_z", "sd_ratio"]));
+    assert_eq!(filters["uterus_flag"], serde_json::json!(["dev_z", "sd_ratio"]));
     assert!(filters["bpm_flag"].is_null(), "{filters}");
     // Uterus columns chosen anew: the uterus flags see all of them (the default flag
     // columns are not among them), unless the file says which.

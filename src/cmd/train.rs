@@ -540,11 +540,11 @@ fn default_reasons() -> Value {
             samples); 0 is a transducer off, not a heart rate or a uterus at rest",
         "join": "inner: a sample needs both signals to be scored; --join outer keeps one-sided rows, which \
             the engine then rejects as signal loss",
-        "uterus_flag": "jump_z, dev_z, sd_ratio: external toco is uncalibrated (the belt and the mother set its \
-            amplitude) and CTU-UHB toco reads higher (90th percentile of the 4-second level 50 against 27 on LCT 2025); trained on LCT 2025, a \
-            uterus flag forest on every uterus column flagged 3.10 % of clean CTU-UHB samples, on these three \
-            0.36 % (0.47 % and 0.40 % on the source trained on); the joint forest keeps every column, which \
-            the per-sequence AUC needs",
+        "uterus_flag": "dev_z, sd_ratio: external toco is uncalibrated (the belt and the mother set its \
+            amplitude) and CTU-UHB toco reads higher than LCT 2025's (90th percentile of the 4-second level 50 \
+            against 27); trained on LCT 2025, a uterus flag forest on every uterus column flagged 3.10 % of clean \
+            CTU-UHB samples, on these two 0.54 % (0.50 % and 0.39 % on the source trained on); with jump_z too \
+            the flags spread over many more sequences; the joint forest keeps every column",
         "flag_rate": "0.005 per signal: 0.2-0.6 % of clean held-out samples flagged per signal on the source \
             a model was trained on (bench/quality)",
     })
