@@ -92,8 +92,9 @@ burden, flat time); with --features window, the prototype's lags and rolling mea
 standard deviations (SPEC section 2). It splits the patients (unique target and group_id) \
 into training and validation groups with the seeded RNG and fits three isolation forests on \
 the training rows: a joint forest over all columns, which gives anomaly_score, and one forest \
-per signal over that signal's columns only, which give bpm_anomaly and uterus_anomaly (each \
-flags --flag-rate of its training samples). meta.json and the three forest files are written \
+per signal over that signal's columns only (for the uterus, by default, only those relative to \
+the series' own spread, since toco amplitude is uncalibrated), which give bpm_anomaly and \
+uterus_anomaly (each flags --flag-rate of its training samples). meta.json and the three forest files are written \
 into --out-dir atomically. A report (groups, sequences and rows per side, anomaly rates \
 overall and per signal, score quantiles, and on validation the hypoxia-vs-regular ROC AUC) \
 goes to stderr and into meta.json.\n\n\

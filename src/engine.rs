@@ -137,7 +137,7 @@ impl Engine {
     /// same features (a retrained forest), and starting afresh when it does not; the
     /// second value tells which.
     pub fn new_keeping_state(old: Engine, model: Arc<Model>) -> (Engine, bool) {
-        let same = old.model.features == model.features;
+        let same = old.model.features.state_settings() == model.features.state_settings();
         let mut e = Engine::with_limits(Arc::clone(&model), old.limits);
         e.history = old.history;
         e.evicted = old.evicted;
@@ -526,15 +526,20 @@ mod tests {
 
     fn tiny_model() -> Arc<Model> {
         use crate::features::{FeatureConfig, FeatureKind};
-        use crate::forest::{Forest, ForestSpec};
-        let features = FeatureConfig {
+        model_with(FeatureConfig {
             kind: FeatureKind::Window { lags: vec![1, 2], roll_windows: vec![] },
             ..FeatureConfig::window_default()
-        };
+        })
+    }
+
+    /// A one-leaf forest over the columns of `features`.
+    fn model_with(features: crate::features::FeatureConfig) -> Arc<Model> {
+        use crate::forest::{Forest, ForestSpec};
+        let n = features.n_features();
         let spec: ForestSpec = serde_json::from_value(serde_json::json!({
-            "n_features": 4, "max_samples": 2, "offset": -0.5,
-            "trees": [{"features": [0, 1, 2, 3], "children_left": [-1], "children_right": [-1], "feature": [-2],
-                        "threshold": [-2.0], "n_node_samples": [2]}]
+            "n_features": n, "max_samples": 2, "offset": -0.5,
+            "trees": [{"features": (0..n).collect::<Vec<_>>(), "children_left": [-1], "children_right": [-1],
+                        "feature": [-2], "threshold": [-2.0], "n_node_samples": [2]}]
         }))
         .expect("a one-leaf forest");
         let meta = crate::model::Meta {
@@ -547,6 +552,30 @@ mod tests {
         };
         let joint = Forest::new(&spec).expect("valid forest");
         Arc::new(Model { features, meta, joint, per_signal: None, dir: ".".into() })
+    }
+
+    #[test]
+    fn a_reloaded_model_that_differs_only_in_its_flag_columns_keeps_the_windows() {
+        use crate::features::{FeatureConfig, FeatureKind};
+        let variant = |f: &dyn Fn(&mut crate::features::FilterParams)| {
+            let mut fc = FeatureConfig::default();
+            let FeatureKind::Filters(p) = &mut fc.kind else { unreachable!("the default is filters") };
+            f(p);
+            model_with(fc)
+        };
+        let fed = || {
+            let mut e = Engine::new(model_with(FeatureConfig::default()));
+            for t in 0..5 {
+                e.offer("g", "s", t as f64, 140.0, 20.0);
+            }
+            e
+        };
+        let (e, kept) = Engine::new_keeping_state(fed(), variant(&|p| p.uterus_flag = None));
+        assert!(kept);
+        assert_eq!(keys(&e), ["g/s"]);
+        let (e, kept) = Engine::new_keeping_state(fed(), variant(&|p| p.sd_s = 30.0));
+        assert!(!kept);
+        assert!(keys(&e).is_empty());
     }
 
     fn keys(e: &Engine) -> Vec<String> {

@@ -91,12 +91,14 @@ pub struct FilterParams {
     pub settle_gap_s: Option<f64>,
     /// The columns of its signal that each flag forest sees (None: all of them). The
     /// joint forest, and so `anomaly_score`, always sees every column.
-    #[serde(default)]
+    /// (Not written when None, so that the state fingerprint of models made before these
+    /// settings existed is unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpm_flag: Option<Vec<Filter>>,
     /// External toco is uncalibrated: its amplitude depends on the belt and the mother,
     /// not on the uterus, and differs between monitors and sources. By default the
     /// uterus flags see only features in units of the series' own spread.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uterus_flag: Option<Vec<Filter>>,
 }
 
@@ -345,6 +347,17 @@ impl FeatureConfig {
     }
 
     /// Names of the feature columns, in the order rows are written.
+    /// The settings that shape a series' state, i.e. all but which columns the flag
+    /// forests see: equal ones mean interchangeable windows (state files, model reload).
+    pub fn state_settings(&self) -> FeatureConfig {
+        let mut fc = self.clone();
+        if let FeatureKind::Filters(p) = &mut fc.kind {
+            p.bpm_flag = None;
+            p.uterus_flag = None;
+        }
+        fc
+    }
+
     /// The columns (indices into [`feature_cols`](Self::feature_cols)) that the bpm and
     /// the uterus flag forests see.
     pub fn flag_columns(&self) -> [Vec<u32>; 2] {
@@ -416,8 +429,19 @@ impl FeatureConfig {
                 }
             }
             FeatureKind::Filters(p) => {
-                if p.bpm.is_empty() && p.uterus.is_empty() {
-                    return Err("no filter features: there would be no features".into());
+                for (signal, list) in [("bpm", &p.bpm), ("uterus", &p.uterus)] {
+                    if list.is_empty() {
+                        return Err(format!("{signal} has no filter: the {signal} flags need at least one feature"));
+                    }
+                }
+                for (key, list) in [("bpm", Some(&p.bpm)), ("uterus", Some(&p.uterus))]
+                    .into_iter()
+                    .chain([("bpm_flag", p.bpm_flag.as_ref()), ("uterus_flag", p.uterus_flag.as_ref())])
+                {
+                    let list = list.map_or(&[][..], |l| &l[..]);
+                    if let Some((_, f)) = list.iter().enumerate().find(|(i, f)| list[..*i].contains(f)) {
+                        return Err(format!("{key} names {} twice", f.name()));
+                    }
                 }
                 let taus = [p.level_s, p.reference_s, p.baseline_s, p.sd_s, p.slow_s, p.burden_s];
                 if taus.iter().any(|&t| !(t > 0.0 && t.is_finite())) {

@@ -62,17 +62,29 @@ pub fn feature_config_from(config: &Value) -> Result<FeatureConfig> {
     fn opt<T: serde::de::DeserializeOwned>(config: &Value, key: &str) -> Result<Option<T>> {
         match config.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                serde_json::from_value(v.clone()).map(Some).map_err(|e| anyhow!("config.{key} is malformed ({e})"))
-            }
+            Some(v) => serde_path_to_error::deserialize(v.clone()).map(Some).map_err(|e| {
+                // The path names the field inside (config.filters.uterus_flag[0]), not
+                // just the setting that holds it.
+                let at = e.path().to_string();
+                let at = if at == "." { String::new() } else { format!(".{at}") };
+                anyhow!("config.{key}{at} is malformed ({})", e.inner())
+            }),
         }
     }
-    let kind = match config.get("feature_set").and_then(Value::as_str) {
+    let feature_set = match config.get("feature_set") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(other) => bail!("config.feature_set must be \"window\" or \"filters\", not {other}"),
+    };
+    let kind = match feature_set {
         None | Some("window") => FeatureKind::Window {
             lags: list(config, "lags", &[1, 2, 3, 6, 12, 24])?,
             roll_windows: list(config, "roll_windows", &[3, 6, 12])?,
         },
         Some("filters") => {
+            if config.get("filters").is_some_and(|f| !f.is_object()) {
+                bail!("config.filters must be an object of filter settings");
+            }
             FeatureKind::Filters(opt(config, "filters")?.ok_or_else(|| anyhow!("config.filters is missing"))?)
         }
         Some(other) => bail!("config.feature_set {other:?} is not one fad knows (window, filters)"),
@@ -100,7 +112,13 @@ pub fn feature_config_json(fc: &FeatureConfig) -> serde_json::Map<String, Value>
         }
         FeatureKind::Filters(p) => {
             m.insert("feature_set".into(), "filters".into());
-            m.insert("filters".into(), serde_json::to_value(p).expect("filter settings serialise"));
+            let mut filters = serde_json::to_value(p).expect("filter settings serialise");
+            // None (all of the signal's columns) is written as null, so that the key is
+            // known to --feature-config and meta.json says it.
+            for key in ["bpm_flag", "uterus_flag"] {
+                filters.as_object_mut().expect("an object").entry(key).or_insert(Value::Null);
+            }
+            m.insert("filters".into(), filters);
         }
     }
     m.insert("bpm_valid_range".into(), serde_json::json!(fc.bpm_valid_range));

@@ -31,9 +31,10 @@ const MAX_VALUES: u32 = 1 << 17;
 /// Longest group or sequence id accepted when reading (the stream rejects longer ones).
 const MAX_ID: u32 = 1 << 16;
 
-/// SHA-256 of the feature settings: equal fingerprints mean interchangeable windows.
+/// SHA-256 of the settings that shape a series' state: equal fingerprints mean
+/// interchangeable windows.
 pub fn fingerprint(fc: &FeatureConfig) -> [u8; 32] {
-    let text = serde_json::to_vec(fc).expect("feature settings always serialise");
+    let text = serde_json::to_vec(&fc.state_settings()).expect("feature settings always serialise");
     Sha256::digest(&text).into()
 }
 
@@ -243,4 +244,30 @@ fn read_body<R: Read>(engine: &mut Engine, r: &mut HashingReader<R>) -> Result<R
         bail!("it has bytes after its checksum (corrupt)");
     }
     Ok(Restored { series: count })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::{FeatureKind, Filter};
+
+    fn with(f: impl FnOnce(&mut crate::features::FilterParams)) -> FeatureConfig {
+        let mut fc = FeatureConfig::default();
+        let FeatureKind::Filters(p) = &mut fc.kind else { unreachable!("the default is filters") };
+        f(p);
+        fc
+    }
+
+    #[test]
+    fn the_flag_columns_do_not_change_the_fingerprint_but_the_features_do() {
+        let default = fingerprint(&FeatureConfig::default());
+        assert_eq!(default, fingerprint(&with(|p| p.uterus_flag = None)));
+        assert_eq!(default, fingerprint(&with(|p| p.bpm_flag = Some(vec![Filter::Level]))));
+        assert_ne!(default, fingerprint(&with(|p| p.uterus.pop().map(drop).unwrap_or(()))));
+        assert_ne!(default, fingerprint(&with(|p| p.sd_s = 30.0)));
+        // Unset flag settings are not written, so models made before they existed keep
+        // the fingerprint their state files were written with.
+        let unset = serde_json::to_string(&with(|p| (p.bpm_flag, p.uterus_flag) = (None, None))).unwrap();
+        assert!(!unset.contains("_flag"), "{unset}");
+    }
 }

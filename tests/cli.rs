@@ -643,6 +643,12 @@ fn a_bad_feature_config_file_is_a_data_error_naming_it() {
         ("typo.json", "{\"filters\": {\"warm_up\": 60}}", "warm_up"),
         ("flag.json", "{\"filters\": {\"uterus_flag\": [\"sd_long\"]}}", "uterus_flag names sd_long"),
         ("noflag.json", "{\"filters\": {\"bpm_flag\": []}}", "bpm_flag is empty"),
+        // One signal without columns used to panic in the fit of its flag forest.
+        ("nouterus.json", "{\"filters\": {\"uterus\": []}}", "uterus has no filter"),
+        ("twice.json", "{\"filters\": {\"uterus\": [\"dev_z\", \"sd\", \"dev_z\"]}}", "uterus names dev_z twice"),
+        ("kind.json", "{\"filters\": {\"uterus_flag\": [1]}}", "config.filters.uterus_flag[0] is malformed"),
+        ("list.json", "{\"filters\": []}", "config.filters must be an object"),
+        ("set.json", "{\"feature_set\": 1}", "feature_set is chosen with --features"),
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();

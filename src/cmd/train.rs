@@ -621,6 +621,9 @@ fn feature_settings(args: &TrainArgs) -> Result<FeatureConfig> {
     if !overlay.is_object() {
         bail!("--feature-config {} must hold a JSON object", path.display());
     }
+    if overlay.get("feature_set").is_some() {
+        bail!("--feature-config {}: feature_set is chosen with --features, not in the file", path.display());
+    }
     let mut overlay = overlay;
     if let Some(Value::Object(filters)) = overlay.get_mut("filters") {
         // A signal's columns chosen anew: its flags see all of them unless told otherwise
