@@ -22,7 +22,7 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: forest_loop MODEL_DIR ROWS_CSV [REPEATS] [BATCH]");
+        eprintln!("usage: forest_loop MODEL_DIR ROWS_CSV [REPEATS] [BATCH] [THREADS] | MODEL_DIR --load [REPEATS]");
         std::process::exit(2);
     }
     let dir = std::path::Path::new(&args[1]);
@@ -46,7 +46,7 @@ fn main() {
         return;
     }
     let model = load();
-    let batch: usize = args.get(4).map_or(1024, |s| s.parse().expect("BATCH is a count"));
+    let batch: usize = args.get(4).map_or(1024, |s| s.parse().expect("BATCH is a count")).max(1);
     let threads: usize = args.get(5).map_or(1, |s| s.parse().expect("THREADS is a count"));
     let w = model.n_features();
     let file = std::fs::File::open(&args[2]).expect("cannot open the rows file");
