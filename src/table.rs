@@ -160,6 +160,9 @@ pub fn for_each_row(
     let mut record = csv::ByteRecord::new();
     // The ids of the last row that passed the id checks.
     let mut last_ids = (String::new(), String::new());
+    // Each series' target and the line it was first seen at; the last row's target.
+    let mut targets: std::collections::HashMap<(String, String), (String, u64)> = Default::default();
+    let mut last_target = String::new();
     loop {
         let more = match rdr.read_byte_record(&mut record) {
             Ok(m) => m,
@@ -256,6 +259,31 @@ pub fn for_each_row(
             last_ids.1.clear();
             last_ids.1.push_str(fields[si]);
         }
+        let target = target_col.map(|c| fields[c]).filter(|t| !t.is_empty());
+        // Two patients under the same ids would be read as one series, their samples
+        // mixed: the prototype's failure with folder names that repeat across classes.
+        if let Some(t) = target
+            && !(checked && t == last_target)
+        {
+            let key = (fields[gi].to_owned(), fields[si].to_owned());
+            match targets.get(&key) {
+                Some((first, at)) if first != t => {
+                    let why = format!(
+                        "{t:?}, but group_id {:?} sequence_id {:?} was {first:?} at line {at}: two patients \
+                         share these ids (fad convert names groups <class>-<folder> for this reason)",
+                        fields[gi], fields[si]
+                    );
+                    f(Err(bad("target", why)))?;
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    targets.insert(key, (t.to_owned(), line));
+                }
+            }
+            last_target.clear();
+            last_target.push_str(t);
+        }
         f(Ok(TableRow {
             line,
             timestamp: fields[ti],
@@ -266,7 +294,7 @@ pub fn for_each_row(
             bpm,
             uterus_text: fields[ui],
             uterus,
-            target: target_col.map(|c| fields[c]).filter(|t| !t.is_empty()),
+            target,
         }))?;
     }
     Ok(())

@@ -731,3 +731,55 @@ fn each_flag_forest_sees_its_signal_and_the_uterus_one_only_relative_columns() {
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), want, "{config}");
     }
 }
+
+#[test]
+fn two_patients_under_the_same_ids_are_named_not_mixed() {
+    // The prototype mixed up patients whose folder names repeat across classes; a table
+    // whose ids repeat under another target is refused row by row, naming the first line.
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let mut lines = merged.lines();
+    let header = lines.next().unwrap();
+    assert!(header.ends_with(",target"), "{header}");
+    let all: Vec<&str> = lines.collect();
+    let ids = |l: &str| l.split(',').skip(1).take(2).collect::<Vec<_>>().join(",");
+    // The longest series of the sample, up to 300 rows.
+    let mut counts = std::collections::HashMap::new();
+    for l in &all {
+        *counts.entry(ids(l)).or_insert(0) += 1;
+    }
+    let longest = counts.into_iter().max_by_key(|(k, n)| (*n, k.clone())).unwrap().0;
+    let first: Vec<&str> = all.iter().copied().filter(|l| ids(l) == longest).take(300).collect();
+    assert_eq!(first.len(), 300, "a series of 300 rows in the sample");
+    let other = if first[0].ends_with(",hypoxia") { "regular" } else { "hypoxia" };
+    let mut table = format!("{header}\n");
+    for l in &first {
+        table.push_str(l);
+        table.push('\n');
+    }
+    for l in &first {
+        table.push_str(&format!("{},{other}\n", l.rsplit_once(',').unwrap().0));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("same-ids.csv");
+    std::fs::write(&path, &table).unwrap();
+    let out = fad().args(["score", "--model"]).arg(&f.model).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 302, field target") && err.contains("was") && err.contains("line 2"), "{err}");
+    assert!(err.contains("two patients share these ids"), "{err}");
+    assert!(err.contains("300 malformed row(s)"), "{err}");
+    // The first patient's rows are still scored, as if the second were not there.
+    let alone = dir.path().join("alone.csv");
+    std::fs::write(&alone, table.lines().take(301).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let want = stdout_of(fad().args(["score", "--model"]).arg(&f.model).arg(&alone));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let out = fad()
+        .args(["train", "--n-estimators", "2", "--out-dir"])
+        .arg(dir.path().join("m"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("two patients share these ids"));
+}
