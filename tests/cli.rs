@@ -783,3 +783,28 @@ fn two_patients_under_the_same_ids_are_named_not_mixed() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("two patients share these ids"));
 }
+
+#[test]
+fn meta_json_gives_reasons_only_for_the_defaults_a_model_has() {
+    let f = fixture();
+    let reasons = |meta: &serde_json::Value| -> Vec<String> {
+        meta["config"]["default_reasons"].as_object().unwrap().keys().cloned().collect()
+    };
+    let all = reasons(&meta_of(&f.model));
+    for key in ["feature_set", "max_gap_s", "warmup", "settle_gap_s", "uterus_flag", "flag_rate", "join"] {
+        assert!(all.iter().any(|k| k == key), "{key} missing from {all:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("window");
+    fad()
+        .args(["train", "--features", "window", "--flag-rate", "0.01", "--n-estimators", "2", "--out-dir"])
+        .arg(&model)
+        .arg(&f.merged)
+        .assert()
+        .success();
+    let window = reasons(&meta_of(&model));
+    for key in ["feature_set", "max_gap_s", "warmup", "settle_gap_s", "uterus_flag", "flag_rate", "zero_is_loss"] {
+        assert!(!window.iter().any(|k| k == key), "{key} explained for a model without that default: {window:?}");
+    }
+    assert!(window.iter().any(|k| k == "join"), "{window:?}");
+}

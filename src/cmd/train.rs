@@ -487,7 +487,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "per_signal_forests": true, "flag_rate": args.flag_rate, "train_class": args.train_class,
     });
     config.as_object_mut().expect("an object").extend(feature_config_json(&fc));
-    config["default_reasons"] = default_reasons();
+    config["default_reasons"] = reasons_for(&config);
     let meta = Meta {
         fad_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         config,
@@ -513,6 +513,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     eprintln!("fad train: wrote {} ({:.2}s in all)", args.out_dir.display(), t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The reasons of [`default_reasons`] for the settings `config` (a model's meta.json
+/// config) has at their default value: a model does not explain settings it lacks.
+fn reasons_for(config: &Value) -> Value {
+    let mut defaults = json!({ "join": "inner", "flag_rate": 0.005 });
+    defaults.as_object_mut().expect("an object").extend(feature_config_json(&FeatureConfig::default()));
+    // A setting is at the top of config or among the filter settings.
+    let at = |c: &Value, key: &str| c.get(key).or_else(|| c.get("filters").and_then(|f| f.get(key))).cloned();
+    let Value::Object(all) = default_reasons() else { unreachable!("an object") };
+    let kept = all.into_iter().filter(|(key, _)| at(config, key).is_some() && at(config, key) == at(&defaults, key));
+    Value::Object(kept.collect())
 }
 
 /// Why fad's defaults are what they are, measured on both public sources (README,
