@@ -160,9 +160,10 @@ pub fn for_each_row(
     let mut record = csv::ByteRecord::new();
     // The ids of the last row that passed the id checks.
     let mut last_ids = (String::new(), String::new());
-    // Each series' target and the line it was first seen at; the last row's target.
+    // Each series' target and the line it was first seen at; the ids and target of the
+    // last row whose target was checked.
     let mut targets: std::collections::HashMap<(String, String), (String, u64)> = Default::default();
-    let mut last_target = String::new();
+    let mut last_target = (String::new(), String::new(), String::new());
     loop {
         let more = match rdr.read_byte_record(&mut record) {
             Ok(m) => m,
@@ -262,8 +263,10 @@ pub fn for_each_row(
         let target = target_col.map(|c| fields[c]).filter(|t| !t.is_empty());
         // Two patients under the same ids would be read as one series, their samples
         // mixed: the prototype's failure with folder names that repeat across classes.
+        // The last row whose target was checked is remembered apart from `last_ids`
+        // (a refused row or one without a target moves those, not this).
         if let Some(t) = target
-            && !(checked && t == last_target)
+            && !(fields[gi] == last_target.0 && fields[si] == last_target.1 && t == last_target.2)
         {
             let key = (fields[gi].to_owned(), fields[si].to_owned());
             match targets.get(&key) {
@@ -281,8 +284,12 @@ pub fn for_each_row(
                     targets.insert(key, (t.to_owned(), line));
                 }
             }
-            last_target.clear();
-            last_target.push_str(t);
+            for (kept, now) in
+                [(&mut last_target.0, fields[gi]), (&mut last_target.1, fields[si]), (&mut last_target.2, t)]
+            {
+                kept.clear();
+                kept.push_str(now);
+            }
         }
         f(Ok(TableRow {
             line,

@@ -782,6 +782,25 @@ fn two_patients_under_the_same_ids_are_named_not_mixed() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("two patients share these ids"));
+    // Every colliding row is refused, whatever came between (found by a breaker: a row of
+    // another series, or one without a target, used to let the rest through).
+    let head = "timestamp,group_id,sequence_id,bpm,uterus,target\n";
+    for (rows, refused) in [
+        ("0,A,s,140,10,hypoxia\n0,B,s,140,10,regular\n1,A,s,140,10,regular\n2,A,s,140,10,regular\n", vec![4, 5]),
+        (
+            "0,A,s,140,10,hypoxia\n0,B,s,140,10,\n1,B,s,140,10,hypoxia\n2,C,s,140,10,regular\n3,B,s,140,10,regular\n",
+            vec![6],
+        ),
+    ] {
+        std::fs::write(&path, format!("{head}{rows}")).unwrap();
+        let out = fad().args(["score", "--all", "--model"]).arg(&f.model).arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let named: Vec<u64> =
+            err.lines().filter_map(|l| l.split(" line ").nth(1)?.split(',').next()?.parse().ok()).collect();
+        assert_eq!(named, refused, "{rows}: {err}");
+        let written = String::from_utf8_lossy(&out.stdout).lines().count() - 1;
+        assert_eq!(written, rows.lines().count() - refused.len(), "{rows}");
+    }
 }
 
 #[test]
@@ -807,4 +826,30 @@ fn meta_json_gives_reasons_only_for_the_defaults_a_model_has() {
         assert!(!window.iter().any(|k| k == key), "{key} explained for a model without that default: {window:?}");
     }
     assert!(window.iter().any(|k| k == "join"), "{window:?}");
+}
+
+#[test]
+fn a_series_whose_first_row_lacks_its_target_stays_with_its_patient() {
+    let f = fixture();
+    let merged = std::fs::read_to_string(&f.merged).unwrap();
+    let mut lines: Vec<String> = merged.lines().map(str::to_owned).collect();
+    // The first row of the longest series (the first series of the sample is never scored).
+    let ids = |l: &str| l.split(',').skip(1).take(2).collect::<Vec<_>>().join(",");
+    let mut counts = std::collections::HashMap::new();
+    for l in &lines[1..] {
+        *counts.entry(ids(l)).or_insert(0) += 1;
+    }
+    let longest = counts.into_iter().max_by_key(|(k, n)| (*n, k.clone())).unwrap().0;
+    let at = lines.iter().position(|l| ids(l) == longest).unwrap();
+    lines[at] = format!("{},", lines[at].rsplit_once(',').unwrap().0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blank-first-target.csv");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let groups = |input: &Path, out: &str| {
+        let model = dir.path().join(out);
+        fad().args(["train", "--n-estimators", "2", "--out-dir"]).arg(&model).arg(input).assert().success();
+        let report = &meta_of(&model)["report"];
+        (report["train"]["groups"].clone(), report["validation"]["groups"].clone())
+    };
+    assert_eq!(groups(&path, "blank"), groups(&f.merged, "plain"));
 }

@@ -89,6 +89,11 @@ pub fn build_dataset(input: impl std::io::Read, name: &str, fc: &FeatureConfig) 
             current = Some(i);
         }
         let idx = current.expect("set above");
+        // A series whose first rows had no target takes the first one given (the table
+        // reader has refused any other), so that it stays with its patient in the split.
+        if ds.series[idx as usize].target.is_none() && r.target.is_some() {
+            ds.series[idx as usize].target = r.target.map(str::to_owned);
+        }
         match fc.push(&mut states[idx as usize], r.time, r.bpm, r.uterus, &mut row) {
             Pushed::Ready => {
                 ds.rows.extend_from_slice(&row);
