@@ -11,7 +11,6 @@ use std::path::Path;
 /// One row, borrowing from the reader's record.
 #[derive(Debug)]
 pub struct TableRow<'r> {
-    pub line: u64,
     pub timestamp: &'r str,
     pub time: f64,
     pub group_id: &'r str,
@@ -69,12 +68,34 @@ impl TrimAsciiFast for str {
 /// Longest line accepted in a table: a file without newlines must not exhaust memory.
 pub const MAX_TABLE_LINE: usize = 1 << 20;
 
-/// Passes bytes through, failing once a line grows past [`MAX_TABLE_LINE`].
+/// Passes bytes through, failing once a line grows past [`MAX_TABLE_LINE`], and keeps
+/// where the recent CRLF line ends were: the csv crate places a record that follows one
+/// on the LF before it, a line short (BurntSushi/rust-csv#395).
 struct LineLimit<R> {
     inner: R,
     line: u64,
     /// Bytes since the last newline.
     run: usize,
+    /// Bytes passed on before the current read.
+    offset: u64,
+    /// Whether the last byte passed on was a CR.
+    after_cr: bool,
+    /// Offsets of the LFs of the last [`CRLF_KEPT`] CRLFs.
+    crlf: std::collections::VecDeque<u64>,
+}
+
+/// CRLFs kept: far more than the csv reader reads ahead of its record.
+const CRLF_KEPT: usize = 1 << 16;
+
+impl<R> LineLimit<R> {
+    fn new(inner: R) -> Self {
+        LineLimit { inner, line: 1, run: 0, offset: 0, after_cr: false, crlf: Default::default() }
+    }
+
+    /// The line of a record that csv says starts at byte `at` on line `csv_line`.
+    fn line_at(&self, at: u64, csv_line: u64) -> u64 {
+        csv_line + self.crlf.binary_search(&at).is_ok() as u64
+    }
 }
 
 impl<R: Read> Read for LineLimit<R> {
@@ -97,7 +118,16 @@ impl<R: Read> Read for LineLimit<R> {
             first = false;
             self.line += 1;
             start = nl + 1;
+            let cr = if nl == 0 { self.after_cr } else { data[nl - 1] == b'\r' };
+            if cr {
+                if self.crlf.len() == CRLF_KEPT {
+                    self.crlf.pop_front();
+                }
+                self.crlf.push_back(self.offset + nl as u64);
+            }
         }
+        self.offset += n as u64;
+        self.after_cr = data.last().map_or(self.after_cr, |&b| b == b'\r');
         if longest <= MAX_TABLE_LINE {
             let tail = if first { self.run + n } else { n - start };
             longest = tail;
@@ -142,7 +172,7 @@ pub fn for_each_row(
     name: &str,
     mut f: impl FnMut(std::result::Result<TableRow, RowError>) -> Result<()>,
 ) -> Result<()> {
-    let input = LineLimit { inner: input, line: 1, run: 0 };
+    let input = LineLimit::new(input);
     let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(input);
     let headers = rdr.byte_headers().with_context(|| format!("cannot read the header of {name}"))?.clone();
     if headers.is_empty() {
@@ -168,7 +198,7 @@ pub fn for_each_row(
         let more = match rdr.read_byte_record(&mut record) {
             Ok(m) => m,
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, |p| rdr.get_ref().line_at(p.byte(), p.line()));
                 let err = RowError {
                     input: name.to_owned(),
                     line,
@@ -185,9 +215,14 @@ pub fn for_each_row(
         if !more {
             break;
         }
-        let line = record.position().map_or(0, |p| p.line());
-        let bad =
-            |field: &str, problem: String| RowError { input: name.to_owned(), line, field: field.to_owned(), problem };
+        // Worked out only for a message: most rows need no line number.
+        let line = || record.position().map_or(0, |p| rdr.get_ref().line_at(p.byte(), p.line()));
+        let bad = |field: &str, problem: String| RowError {
+            input: name.to_owned(),
+            line: line(),
+            field: field.to_owned(),
+            problem,
+        };
         if record.len() != header_names.len() {
             f(Err(bad("", format!("expected {} fields, found {}", header_names.len(), record.len()))))?;
             continue;
@@ -281,7 +316,7 @@ pub fn for_each_row(
                 }
                 Some(_) => {}
                 None => {
-                    targets.insert(key, (t.to_owned(), line));
+                    targets.insert(key, (t.to_owned(), line()));
                 }
             }
             for (kept, now) in
@@ -292,7 +327,6 @@ pub fn for_each_row(
             }
         }
         f(Ok(TableRow {
-            line,
             timestamp: fields[ti],
             time,
             group_id: fields[gi],
@@ -362,5 +396,21 @@ pub fn bad_id(id: &str) -> Option<BadId> {
         Some(BadId::ControlChar)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_after_a_crlf_is_put_back_on_its_own_line() {
+        let mut r = LineLimit::new(&b"ab\r\ncd\n\r\nef\r"[..]);
+        let mut buf = [0u8; 3];
+        while r.read(&mut buf).unwrap() > 0 {}
+        assert_eq!(Vec::from(r.crlf.clone()), [3, 8], "the LFs of the two CRLFs, across reads");
+        assert_eq!(r.line_at(3, 1), 2, "csv places line 2 on the LF at 3, as line 1");
+        assert_eq!(r.line_at(5, 2), 2, "an LF line end needs nothing");
+        assert_eq!(r.line_at(8, 3), 4);
     }
 }

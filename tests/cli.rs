@@ -853,3 +853,20 @@ fn a_series_whose_first_row_lacks_its_target_stays_with_its_patient() {
     };
     assert_eq!(groups(&path, "blank"), groups(&f.merged, "plain"));
 }
+
+#[test]
+fn errors_name_the_right_line_whatever_the_line_endings() {
+    // The csv crate places a record after a CRLF on the line before (rust-csv#395).
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, end) in [("lf.csv", "\n"), ("crlf.csv", "\r\n")] {
+        let rows = ["timestamp,group_id,sequence_id,bpm,uterus", "0,A,s,140,10", "1,A,s,140,10", "2,A,s,x,10"];
+        let rows = [&rows[..], &["3,\"A", "B\",s,140,10", "4,A,s,y,10"]].concat();
+        let path = dir.path().join(name);
+        std::fs::write(&path, rows.join(end) + end).unwrap();
+        let out = fad().args(["score", "--model"]).arg(&f.model).arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{name} line 4, field bpm")), "{err}");
+        assert!(err.contains(&format!("{name} line 7, field bpm")), "{err}");
+    }
+}
