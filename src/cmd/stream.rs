@@ -23,7 +23,10 @@ use std::time::Duration;
 
 /// Longest line kept in memory; a longer one is answered with an error, not buffered.
 pub const MAX_LINE: usize = 1 << 20;
-const READ_CHUNK: usize = 1 << 16;
+/// Most bytes one read takes. A read returns what is there, so the size costs a slow feed
+/// nothing; a fast one (a file) wakes the line machine four times less often than with
+/// 64 KiB (full feed: 3.64 -> 3.55 s CPU, 7 interleaved runs each).
+const READ_CHUNK: usize = 1 << 18;
 
 /// A parsed message, borrowing from the line.
 #[derive(Debug, PartialEq)]
