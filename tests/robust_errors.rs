@@ -307,3 +307,27 @@ fn a_full_disk_on_stdout_is_named_exit_1() {
         assert!(err.contains("fad: cannot write to standard output: No space left on device"), "{args:?}: {err}");
     }
 }
+
+/// A write that fails in the middle of a chunk leaves a summary whose parts add up to its
+/// line count (it counted every line read, answered or not).
+#[test]
+fn after_a_failed_write_the_summary_counts_add_up() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("note: no /dev/full here; skipped");
+        return;
+    };
+    let feed = scratch("full-disk-summary").join("feed.csv");
+    // A bad first line, so that there is a summary; enough lines to fill the reply buffer
+    // many times over within one read.
+    std::fs::write(&feed, format!("bad\n{}", series_lines("g", "s", 0, 20_000))).unwrap();
+    let out = fad().args(["stream", "--model"]).arg(model()).arg("--input").arg(&feed).stdout(full).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let summary = err.lines().find(|l| l.starts_with("fad stream: ")).unwrap_or_else(|| panic!("no summary: {err}"));
+    let numbers: Vec<u64> =
+        summary.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).map(|w| w.parse().unwrap()).collect();
+    // "N lines, A scored, B warming up, C not scorable (wrong_field_count C)"
+    let [lines, scored, warming, rejected, ..] = numbers[..] else { panic!("{summary}") };
+    assert_eq!(lines, scored + warming + rejected, "{summary}");
+    assert!(lines < 20_001, "{summary}");
+}

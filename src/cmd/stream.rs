@@ -583,7 +583,6 @@ impl<W: Write> Stream<W> {
         self.replies.clear();
         let warmup = self.engine.model().features.warmup();
         for line in &self.lines[batch] {
-            self.tally.lines += 1;
             let r = match line {
                 LineRef::Text(r) => r,
                 LineRef::TooLong => {
@@ -627,6 +626,9 @@ fn write_reply<W: Write>(
     detections: &[Detection],
     reply: &Reply,
 ) -> io::Result<()> {
+    // Counted here, with the outcomes: after a failed write the summary counts the lines
+    // answered, not those read.
+    tally.lines += 1;
     match reply {
         Reply::Header { needed } => {
             tally.headers += 1;
