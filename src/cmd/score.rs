@@ -172,7 +172,7 @@ impl Job {
 }
 
 fn push_row(engine: &mut Engine, batch: &mut Batch, r: &TableRow) {
-    let offer = engine.offer(r.group_id, r.sequence_id, r.time, r.bpm, r.uterus);
+    let offer = engine.offer_in_runs(r.group_id, r.sequence_id, r.time, r.bpm, r.uterus);
     let start = batch.text.len();
     for (i, part) in [r.timestamp, r.group_id, r.sequence_id, r.bpm_text, r.uterus_text].iter().enumerate() {
         if i > 0 {
