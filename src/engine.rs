@@ -104,11 +104,6 @@ pub struct Engine {
     named: Vec<Eviction>,
     named_total: usize,
     pending: Vec<f32>,
-    /// The newest samples of each pending row whose rolling statistics are still to be
-    /// written (window features; see `FeatureConfig::push_deferred`).
-    pending_recent: Vec<f64>,
-    /// Pending rows whose rolling statistics are written (a prefix of the batch).
-    pending_complete: usize,
     row: Vec<f32>,
     /// Samples of raw history kept per series (0: none).
     history: usize,
@@ -133,8 +128,6 @@ impl Engine {
             named: Vec::new(),
             named_total: 0,
             pending: Vec::new(),
-            pending_recent: Vec::new(),
-            pending_complete: 0,
             row: vec![0.0; w],
             history: 0,
         }
@@ -180,15 +173,13 @@ impl Engine {
         let model = Arc::clone(&self.model);
         points
             .iter()
-            .map(|&[t, b, u]| {
-                match model.features.push_deferred(&mut copy, t, b, u, &mut self.row, &mut self.pending_recent) {
-                    Pushed::Ready => {
-                        let idx = self.pending.len() / self.row.len();
-                        self.pending.extend_from_slice(&self.row);
-                        Some(idx)
-                    }
-                    _ => None,
+            .map(|&[t, b, u]| match model.features.push(&mut copy, t, b, u, &mut self.row) {
+                Pushed::Ready => {
+                    let idx = self.pending.len() / self.row.len();
+                    self.pending.extend_from_slice(&self.row);
+                    Some(idx)
                 }
+                _ => None,
             })
             .collect()
     }
@@ -295,8 +286,7 @@ impl Engine {
             }
         };
         let previous = self.series[idx].series.last_time();
-        let pushed =
-            fc.push_deferred(&mut self.series[idx].series, time, bpm, uterus, &mut self.row, &mut self.pending_recent);
+        let pushed = fc.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
         if !matches!(pushed, Pushed::Rejected { .. }) {
             if self.history > 0 {
                 let h = &mut self.series[idx].history;
@@ -314,7 +304,6 @@ impl Engine {
             Pushed::Ready => {
                 let idx = self.pending.len() / self.row.len();
                 self.pending.extend_from_slice(&self.row);
-                self.complete_now_and_then();
                 Offer::Pending(idx)
             }
         }
@@ -458,27 +447,8 @@ impl Engine {
     }
 
     /// The feature rows waiting to be scored (row-major), in batch order.
-    pub fn pending_rows(&mut self) -> &[f32] {
-        self.complete_pending();
+    pub fn pending_rows(&self) -> &[f32] {
         &self.pending
-    }
-
-    /// Writes the rolling statistics the pending rows still lack, all rows at once.
-    fn complete_pending(&mut self) {
-        if !self.pending_recent.is_empty() {
-            let start = self.pending_complete * self.row.len();
-            self.model.features.fill_rolling(&self.pending_recent, &mut self.pending[start..]);
-            self.pending_recent.clear();
-        }
-        self.pending_complete = self.pending_len();
-    }
-
-    /// Completes the pending rows every [`COMPLETE_EVERY`] rows, while their samples are
-    /// still in the cache (a batch of `fad score` holds 32,768 rows).
-    fn complete_now_and_then(&mut self) {
-        if self.pending_len() - self.pending_complete >= COMPLETE_EVERY {
-            self.complete_pending();
-        }
     }
 
     pub fn pending_len(&self) -> usize {
@@ -488,27 +458,22 @@ impl Engine {
     /// Hands the pending rows over (row-major, in batch order) in `rows` and starts an
     /// empty batch in `rows`' old allocation; the next offer's batch index is 0 again.
     pub fn swap_pending(&mut self, rows: &mut Vec<f32>) {
-        self.complete_pending();
         rows.clear();
         std::mem::swap(&mut self.pending, rows);
-        self.pending_complete = 0;
     }
 
     /// Scores the pending rows into `out` (resized to their count) and clears the batch.
     pub fn score_pending(&mut self, out: &mut Vec<Detection>) {
-        self.complete_pending();
         let n = self.pending_len();
         out.clear();
         out.resize(n, Detection::default());
         self.model.detect_batch(&self.pending, out);
         self.pending.clear();
-        self.pending_complete = 0;
     }
 
     /// Like [`score_pending`](Self::score_pending), spread over the rayon pool in chunks.
     pub fn score_pending_parallel(&mut self, out: &mut Vec<Detection>) {
         use rayon::prelude::*;
-        self.complete_pending();
         let n = self.pending_len();
         let w = self.row.len();
         out.clear();
@@ -519,12 +484,8 @@ impl Engine {
             .zip(self.pending.par_chunks(CHUNK * w))
             .for_each(|(o, rows)| model.detect_batch(rows, o));
         self.pending.clear();
-        self.pending_complete = 0;
     }
 }
-
-/// See [`Engine::complete_now_and_then`].
-const COMPLETE_EVERY: usize = 256;
 
 fn split_key(key: &[u8]) -> (String, String) {
     let cut = key.iter().position(|&b| b == KEY_SEP).unwrap_or(key.len());

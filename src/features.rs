@@ -500,73 +500,6 @@ impl FeatureConfig {
     /// Offers one sample to a series. Missing values are passed as NaN. On `Ready`, the
     /// feature row (f32, `n_features` wide) has been written to `row`.
     pub fn push(&self, series: &mut Series, time: f64, bpm: f64, uterus: f64, row: &mut [f32]) -> Pushed {
-        self.push_to(series, time, bpm, uterus, row, None)
-    }
-
-    /// Like [`push`](Self::push), except that a window row's rolling statistics are left
-    /// out: the newest samples they need ([`rolling_span`](Self::rolling_span) pairs,
-    /// newest first) are appended to `recent`, and [`fill_rolling`](Self::fill_rolling)
-    /// writes them later for a whole batch of rows at once. Each statistic is a chain of
-    /// dependent additions; one row alone waits on its chains, several rows side by side
-    /// keep the adder busy (the same additions in the same order: the same bits).
-    pub fn push_deferred(
-        &self,
-        series: &mut Series,
-        time: f64,
-        bpm: f64,
-        uterus: f64,
-        row: &mut [f32],
-        recent: &mut Vec<f64>,
-    ) -> Pushed {
-        self.push_to(series, time, bpm, uterus, row, Some(recent))
-    }
-
-    /// Sample pairs a deferred window row keeps for its rolling statistics (0: none).
-    pub fn rolling_span(&self) -> usize {
-        match &self.kind {
-            FeatureKind::Window { roll_windows, .. } => roll_windows.iter().copied().max().unwrap_or(0),
-            FeatureKind::Filters(_) => 0,
-        }
-    }
-
-    /// Writes the rolling statistics of the rows left by [`push_deferred`]
-    /// (`rows` row-major, one row per `rolling_span()` pairs of `recent`, in order).
-    pub fn fill_rolling(&self, recent: &[f64], rows: &mut [f32]) {
-        let FeatureKind::Window { lags, roll_windows } = &self.kind else { return };
-        let span = self.rolling_span();
-        let width = self.n_features();
-        if span == 0 || width == 0 {
-            return;
-        }
-        let start = 2 * lags.len();
-        let mut recents = recent.chunks_exact(2 * span);
-        let mut rows = rows.chunks_exact_mut(width);
-        loop {
-            match (recents.next(), recents.next(), recents.next(), recents.next()) {
-                (Some(a), Some(b), Some(c), Some(d)) => {
-                    let mut out = [(); 4].map(|_| rows.next().expect("a row per span of samples"));
-                    rolling_side_by_side([a, b, c, d], roll_windows, &mut out, start);
-                }
-                (a, b, c, _) => {
-                    for r in [a, b, c].into_iter().flatten() {
-                        let row = rows.next().expect("a row per span of samples");
-                        rolling_side_by_side([r], roll_windows, &mut [row], start);
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    fn push_to(
-        &self,
-        series: &mut Series,
-        time: f64,
-        bpm: f64,
-        uterus: f64,
-        row: &mut [f32],
-        defer: Option<&mut Vec<f64>>,
-    ) -> Pushed {
         let warmup = self.warmup();
         let needed_now = warmup - (series.len as usize).min(warmup);
         if let Some(last) = series.last_time
@@ -608,65 +541,20 @@ impl FeatureConfig {
             return Pushed::WarmingUp { needed: warmup - series.len as usize };
         }
         if let FeatureKind::Window { lags, roll_windows } = &self.kind {
-            match defer {
-                Some(recent) => {
-                    write_lags(series, lags, row);
-                    series.newest(self.rolling_span(), |b, u| recent.extend_from_slice(&[b, u]));
-                }
-                None => write_window_row(series, lags, roll_windows, row),
-            }
+            write_window_row(series, lags, roll_windows, row);
         }
         Pushed::Ready
     }
 }
 
-fn write_lags(series: &Series, lags: &[usize], row: &mut [f32]) {
-    for (k, &l) in lags.iter().enumerate() {
-        let (b, u) = series.at(l - 1);
-        row[2 * k] = b as f32;
-        row[2 * k + 1] = u as f32;
-    }
-}
-
-/// The rolling means and standard deviations of `R` rows side by side, from the newest
-/// samples of each (`recent[r]`: pairs, newest first), into `rows[r][start..]`. Per row
-/// the operations and their order are those of [`write_window_row`].
-fn rolling_side_by_side<const R: usize>(
-    recent: [&[f64]; R],
-    roll_windows: &[usize],
-    rows: &mut [&mut [f32]; R],
-    start: usize,
-) {
-    for (j, &w) in roll_windows.iter().enumerate() {
-        let mut sum = [[0.0f64; 2]; R];
-        for age in 0..w {
-            for r in 0..R {
-                sum[r][0] += recent[r][2 * age];
-                sum[r][1] += recent[r][2 * age + 1];
-            }
-        }
-        let mean = sum.map(|[b, u]| [b / w as f64, u / w as f64]);
-        let mut square = [[0.0f64; 2]; R];
-        for age in 0..w {
-            for r in 0..R {
-                let (db, du) = (recent[r][2 * age] - mean[r][0], recent[r][2 * age + 1] - mean[r][1]);
-                square[r][0] += db * db;
-                square[r][1] += du * du;
-            }
-        }
-        for r in 0..R {
-            let o = &mut rows[r][start + 4 * j..start + 4 * j + 4];
-            o[0] = mean[r][0] as f32;
-            o[1] = mean[r][1] as f32;
-            o[2] = (square[r][0] / w as f64).sqrt() as f32;
-            o[3] = (square[r][1] / w as f64).sqrt() as f32;
-        }
-    }
-}
-
 fn write_window_row(series: &Series, lags: &[usize], roll_windows: &[usize], row: &mut [f32]) {
-    write_lags(series, lags, row);
-    let mut k = 2 * lags.len();
+    let mut k = 0;
+    for &l in lags {
+        let (b, u) = series.at(l - 1);
+        row[k] = b as f32;
+        row[k + 1] = u as f32;
+        k += 2;
+    }
     for &w in roll_windows {
         let (mut sb, mut su) = (0.0, 0.0);
         series.newest(w, |b, u| {
@@ -795,45 +683,6 @@ mod tests {
         FeatureConfig {
             kind: FeatureKind::Window { lags: vec![1, 3], roll_windows: vec![2] },
             ..FeatureConfig::window_default()
-        }
-    }
-
-    proptest::proptest! {
-        /// Rows whose rolling statistics are filled later, several side by side, are the
-        /// rows `push` writes at once, bit for bit, whatever the windows, lags and values.
-        #[test]
-        fn deferred_rolling_statistics_give_the_bits_of_push(
-            lags in proptest::collection::vec(1usize..30, 0..4),
-            windows in proptest::collection::vec(1usize..30, 1..5),
-            values in proptest::collection::vec(
-                proptest::prop_oneof![
-                    50.0f64..240.0,
-                    0.0f64..100.0,
-                    proptest::strategy::Strategy::prop_map(0u32..1000, |v| f64::from(v) * 0.25)
-                ],
-                1..300,
-            ),
-        ) {
-            let c = FeatureConfig { kind: FeatureKind::Window { lags, roll_windows: windows }, ..small() };
-            let w = c.n_features();
-            let (mut now, mut later) = (c.new_series(), c.new_series());
-            let (mut row, mut rows_now, mut rows_later, mut recent) = (vec![0f32; w], vec![], vec![], vec![]);
-            for (i, &v) in values.iter().enumerate() {
-                let (t, u) = (i as f64, (v * 7.0) % 100.0);
-                let pushed = c.push(&mut now, t, v, u, &mut row);
-                if pushed == Pushed::Ready {
-                    rows_now.extend_from_slice(&row);
-                }
-                row.fill(-1.0);
-                proptest::prop_assert_eq!(c.push_deferred(&mut later, t, v, u, &mut row, &mut recent), pushed);
-                if pushed == Pushed::Ready {
-                    rows_later.extend_from_slice(&row);
-                }
-            }
-            proptest::prop_assert_eq!(recent.len(), rows_later.len() / w * 2 * c.rolling_span());
-            c.fill_rolling(&recent, &mut rows_later);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            proptest::prop_assert_eq!(bits(&rows_later), bits(&rows_now));
         }
     }
 
