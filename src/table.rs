@@ -396,12 +396,12 @@ pub fn csv_breaking(id: &str) -> Option<&'static str> {
 /// Checks a group or sequence id (a comma cannot occur: it ends the field).
 pub fn bad_id(id: &str) -> Option<BadId> {
     if id.len() > MAX_ID {
-        Some(BadId::TooLong)
-    } else if id.chars().any(char::is_control) {
-        Some(BadId::ControlChar)
-    } else {
-        None
+        return Some(BadId::TooLong);
     }
+    // Byte by byte when the id is ASCII (the usual case): a stream checks two ids a line.
+    let control =
+        if id.is_ascii() { id.bytes().any(|b| b.is_ascii_control()) } else { id.chars().any(char::is_control) };
+    control.then_some(BadId::ControlChar)
 }
 
 #[cfg(test)]
