@@ -250,8 +250,8 @@ impl Engine {
         bpm: f64,
         uterus: f64,
     ) -> Offer {
-        let model = Arc::clone(&self.model);
-        let fc = &model.features;
+        // The model is borrowed field by field below, not cloned: an Arc clone and drop
+        // per sample are two atomic operations on the hot path.
         let known = if TRY_MOST_RECENT && self.most_recent_is(group_id, sequence_id) {
             Some(self.lru_tail)
         } else {
@@ -263,6 +263,7 @@ impl Engine {
             None => {
                 // A sample that could not enter the window creates no series: garbage keys
                 // cost no memory.
+                let fc = &self.model.features;
                 let reason = if !fc.bpm_is_valid(bpm) {
                     Some(Rejection::BpmSignalLoss)
                 } else if !fc.uterus_is_valid(uterus) {
@@ -278,15 +279,15 @@ impl Engine {
                         self.evict(self.lru_head, EvictCause::MaxSeries);
                     }
                 }
-                let slot =
-                    Slot { series: fc.new_series(), used_at: time, prev: NIL, next: NIL, history: VecDeque::new() };
+                let series = self.model.features.new_series();
+                let slot = Slot { series, used_at: time, prev: NIL, next: NIL, history: VecDeque::new() };
                 let i = self.series.insert_full(self.key.clone().into_boxed_slice(), slot).0;
                 self.link_tail(i);
                 i
             }
         };
         let previous = self.series[idx].series.last_time();
-        let pushed = fc.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
+        let pushed = self.model.features.push(&mut self.series[idx].series, time, bpm, uterus, &mut self.row);
         if !matches!(pushed, Pushed::Rejected { .. }) {
             if self.history > 0 {
                 let h = &mut self.series[idx].history;
